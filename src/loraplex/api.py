@@ -1,0 +1,66 @@
+"""The public entry points: ``wrap``, ``load``, ``export_peft``, ``count_parameters``."""
+
+from __future__ import annotations
+
+import os
+
+from torch import nn
+
+from .core.inject import freeze, inject
+from .core.model import AdaptedModel
+from .core.routing import RouteContext
+from .core.state import (
+    AdapterFileError,
+    backbone_description,
+    check_backbone,
+    count_parameters,
+    export_peft,
+    load_tensors,
+    read_config,
+)
+from .methods import MethodConfig, make_config, method_of
+
+__all__ = ["AdapterFileError", "count_parameters", "export_peft", "load", "wrap"]
+
+
+def _features_only(backbone: nn.Module) -> nn.Module:
+    """Drop a timm classifier so ``backbone(x)`` returns pooled features; heads are ours."""
+    if getattr(backbone, "num_classes", 0) and hasattr(backbone, "reset_classifier"):
+        backbone.reset_classifier(0)
+    return backbone
+
+
+def wrap(backbone: nn.Module, config: MethodConfig, heads: dict[str, int]) -> AdaptedModel:
+    """Freeze ``backbone``, inject the method's branch groups, attach one linear head per task.
+
+    The backbone is modified in place (its classifier reset, targeted linears replaced)."""
+    method = method_of(config)
+    if set(heads) != set(config.tasks):
+        raise ValueError(f"heads {sorted(heads)} must name exactly the config's tasks {sorted(config.tasks)}")
+    plan = method.plan(config)
+    backbone = _features_only(backbone)
+    info = backbone_description(backbone)
+    saved = freeze(backbone, plan.modules_to_save)
+    context = RouteContext()
+    banks = inject(backbone, plan.targets, plan.groups, context, plan.blocks).banks if plan.groups else {}
+    width = getattr(backbone, "num_features", None)
+    if width is None:
+        raise ValueError(f"{type(backbone).__name__} has no `num_features`; use a timm model or set it")
+    head_modules = nn.ModuleDict({t: nn.Linear(width, heads[t]) for t in config.tasks})
+    model = AdaptedModel(backbone, head_modules, config.tasks, context, banks, config.mixed_strategy)
+    model.method_name = method.name
+    model.method_config = config.to_dict()
+    model.backbone_info = info
+    model.saved_modules = [m for m in saved if not any(m.startswith(s + ".") for s in saved)]
+    return model
+
+
+def load(directory: str | os.PathLike, backbone: nn.Module) -> AdaptedModel:
+    """Rebuild a saved model on ``backbone``; refuses a backbone whose fingerprint differs."""
+    config = read_config(directory)
+    check_backbone(config["backbone"], _features_only(backbone), str(directory))
+    cfg = make_config(config["method"], **config["config"])
+    model = wrap(backbone, cfg, heads=config["heads"])
+    load_tensors(model, directory)
+    return model
+

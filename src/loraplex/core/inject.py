@@ -1,0 +1,227 @@
+"""Find target linear layers, swap in :class:`AdaptedLinear`, build branch groups, freeze the rest.
+
+Targets use PEFT's vocabulary: a list of module-name suffixes (``"attn.qkv"`` matches
+``blocks.3.attn.qkv``) or one regular expression matched against the full name.  A **block index**
+is the position of a module's enclosing ``…blocks.<i>`` container in registration order, counted
+across stages (ViT: ``blocks.0…``; Swin: ``layers.0.blocks.0``, ``layers.0.blocks.1``,
+``layers.1.blocks.0`` … → 0, 1, 2 …), so rank schedules and block selections work on both.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from torch import nn
+
+from .branches import BasisBank, Init, LoRAGroup, Routing
+from .layer import AdaptedLinear
+from .routing import RouteContext
+from .subspace import Form, Subspace, TruncationK, weight_subspaces
+
+Targets = Sequence[str] | str
+
+_BLOCK = re.compile(r"^(.*?\bblocks\.\d+)\.")
+
+
+@dataclass
+class OutputSubspaceSpec:
+    """Confine ``B`` to the column space (``"column"``) or left null space (``"null"``) of ``W``,
+    with the column space truncated at ``k`` (None: numerical rank; int; float: energy fraction)."""
+
+    space: Literal["column", "null"]
+    k: TruncationK = None
+    form: Form = "coordinates"
+
+
+@dataclass
+class GroupSpec:
+    """One branch group to place on every matching layer.
+
+    ``rank`` is an int or a per-block list (0 = no branch in that block).  ``scale`` overrides
+    ``alpha / rank``.  ``targets`` overrides the injection's targets for this group only.
+    """
+
+    name: str
+    routing: Routing
+    n: int = 1
+    rank: int | Sequence[int] = 8
+    alpha: float | None = None
+    scale: float | None = None
+    dropout: float = 0.0
+    init: Init = "lora"
+    targets: Targets | None = None
+    output_subspace: OutputSubspaceSpec | None = None
+    input_complement: bool = False  # A confined to a memory's complement (basis set later)
+    train_A: bool = True
+    bank_size: int = 0  # > 0: factors from a BasisBank of this many bases, one bank per layer shape
+
+    def rank_at(self, block: int | None, name: str) -> int:
+        if isinstance(self.rank, int):
+            return self.rank
+        if block is None:
+            raise ValueError(f"{name}: a per-block rank schedule needs a layer inside a '…blocks.<i>' container")
+        if block >= len(self.rank):
+            raise ValueError(f"rank schedule of group {self.name!r} has {len(self.rank)} entries; {name} is in block {block}")
+        return int(self.rank[block])
+
+
+@dataclass
+class InjectionResult:
+    layers: dict[str, AdaptedLinear] = field(default_factory=dict)
+    banks: dict[str, BasisBank] = field(default_factory=dict)
+
+
+def block_indices(model: nn.Module) -> dict[str, int]:
+    """Map each ``…blocks.<i>`` container name to its global block index (registration order)."""
+    order: dict[str, int] = {}
+    for name, _ in model.named_modules():
+        match = _BLOCK.match(name + ".")
+        if match and match.group(1) not in order:
+            order[match.group(1)] = len(order)
+    return order
+
+
+def block_of(name: str, blocks: dict[str, int]) -> int | None:
+    match = _BLOCK.match(name + ".")
+    return blocks.get(match.group(1)) if match else None
+
+
+def matches(name: str, targets: Targets) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def find_targets(model: nn.Module, targets: Targets, blocks: Sequence[int] | None = None) -> list[str]:
+    """Names of the ``nn.Linear`` layers matching ``targets`` (and in ``blocks``, if given)."""
+    index = block_indices(model)
+    found = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear | AdaptedLinear)
+        and matches(name, targets)
+        and (blocks is None or block_of(name, index) in set(blocks))
+    ]
+    if not found:
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        sample = ", ".join(linears[:6]) + (" …" if len(linears) > 6 else "")
+        where = f" in blocks {list(blocks)}" if blocks is not None else ""
+        raise ValueError(
+            f"target_modules {targets!r} matched no nn.Linear{where} of {type(model).__name__}; "
+            f"its linear layers are named like: {sample or 'none'}"
+        )
+    return found
+
+
+def _output_space(spec: OutputSubspaceSpec, layer: AdaptedLinear, group: GroupSpec, rank: int) -> Subspace:
+    column, null = weight_subspaces(layer.base.weight, spec.k)
+    out, inp = layer.base.weight.shape
+    if spec.space not in ("column", "null"):
+        raise ValueError(f"unknown output subspace {spec.space!r}; choose 'column' or 'null'")
+    if spec.space == "column":
+        space = Subspace(column, form=spec.form)
+    elif spec.form == "coordinates":
+        space = Subspace(null, form="coordinates")
+    else:
+        space = Subspace(column, complement=True, form="projection")
+    if rank > space.dim:
+        what = "column space" if spec.space == "column" else "left null space"
+        hint = (
+            " W is square and full-rank, so its exact left null space is empty: set a truncation"
+            " (k < out, or an energy fraction) or target a tall layer such as the fused attn.qkv or mlp.fc1."
+            if spec.space == "null" and column.shape[1] == min(out, inp)
+            else ""
+        )
+        raise ValueError(
+            f"{layer.name}: group {group.name!r} has rank {rank} but the {what} of its {out}×{inp} weight "
+            f"(k={column.shape[1]}) has dimension {space.dim}.{hint}"
+        )
+    return space
+
+
+def inject(
+    model: nn.Module,
+    targets: Targets,
+    groups: Sequence[GroupSpec],
+    context: RouteContext,
+    blocks: Sequence[int] | None = None,
+) -> InjectionResult:
+    """Replace every targeted ``nn.Linear`` with an :class:`AdaptedLinear` carrying ``groups``."""
+    result = InjectionResult()
+    index = block_indices(model)
+    names = set()
+    for group in groups:
+        names.update(find_targets(model, group.targets or targets, blocks))
+    for name in [n for n, _ in model.named_modules() if n in names]:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        module = getattr(parent, attr)
+        layer = module if isinstance(module, AdaptedLinear) else AdaptedLinear(module, name, context)
+        block = block_of(name, index)
+        for group in groups:
+            if not matches(name, group.targets or targets):
+                continue
+            rank = group.rank_at(block, name)
+            if rank <= 0:
+                continue
+            result.layers[name] = layer
+            layer.groups[group.name] = _build_group(group, layer, rank, result.banks)
+        if name in result.layers:
+            setattr(parent, attr, layer)
+    if not result.layers:
+        raise ValueError("every matched layer got rank 0 from the rank schedules: nothing to adapt")
+    return result
+
+
+def _build_group(group: GroupSpec, layer: AdaptedLinear, rank: int, banks: dict[str, BasisBank]) -> LoRAGroup:
+    out, inp = layer.out_features, layer.in_features
+    bank = None
+    if group.bank_size > 0:
+        key = f"{group.name}_{out}x{inp}"
+        if key not in banks:
+            banks[key] = BasisBank(group.bank_size, rank, inp, out)
+        bank = banks[key]
+        if bank.rank != rank:
+            raise ValueError(f"{layer.name}: a shared bank needs one rank per shape; got {rank} and {bank.rank}")
+    output_space = (
+        _output_space(group.output_subspace, layer, group, rank) if group.output_subspace else None
+    )
+    input_space = None
+    if group.input_complement:
+        input_space = Subspace(layer.base.weight.new_zeros(inp, 0), complement=True)
+    effective_rank = rank * max(group.bank_size, 1)
+    scale = group.scale if group.scale is not None else (group.alpha or effective_rank) / effective_rank
+    return LoRAGroup(
+        group.n,
+        rank,
+        inp,
+        out,
+        routing=group.routing,
+        scale=scale,
+        dropout=group.dropout,
+        init=group.init,
+        output_space=output_space,
+        input_space=input_space,
+        train_A=group.train_A,
+        bank=bank,
+    ).to(layer.base.weight.device)
+
+
+def freeze(model: nn.Module, modules_to_save: Targets = ()) -> list[str]:
+    """Freeze every parameter, then unfreeze modules matching ``modules_to_save`` (names or regex).
+
+    Returns the names of the modules left trainable, so the adapter file can carry them."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if not modules_to_save:
+        return []
+    chosen = [name for name, m in model.named_modules() if name and matches(name, modules_to_save)]
+    if not chosen:
+        raise ValueError(f"modules_to_save {modules_to_save!r} matched no module of {type(model).__name__}")
+    for name in chosen:
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(True)
+    return chosen

@@ -1,0 +1,223 @@
+"""Adapter files, backbone fingerprints, PEFT export and parameter accounting.
+
+An adapter directory holds ``loraplex_config.json`` (method, its config, tasks, heads, backbone
+fingerprint) and ``adapters.safetensors`` (branch factors, subspace bases, banks, heads and every
+module the method trains fully).  Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .model import AdaptedModel
+
+CONFIG_FILE = "loraplex_config.json"
+TENSORS_FILE = "adapters.safetensors"
+FORMAT_VERSION = 1
+
+
+class AdapterFileError(ValueError):
+    """An adapter directory that is missing, corrupted, or made for another backbone."""
+
+
+def fingerprint(backbone: nn.Module) -> str:
+    """sha256 over the names, shapes, dtypes and values of a pristine backbone's state."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(backbone.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def backbone_description(backbone: nn.Module) -> dict:
+    cfg = getattr(backbone, "pretrained_cfg", None) or {}
+    return {
+        "class": type(backbone).__name__,
+        "architecture": cfg.get("architecture", ""),
+        "fingerprint": fingerprint(backbone),
+    }
+
+
+def check_backbone(saved: dict, backbone: nn.Module, where: str) -> None:
+    given = backbone_description(backbone)
+    if given["fingerprint"] != saved.get("fingerprint"):
+        raise AdapterFileError(
+            f"{where} was trained on backbone {saved.get('architecture') or saved.get('class')} "
+            f"(fingerprint {str(saved.get('fingerprint'))[:12]}…), but the given backbone is "
+            f"{given['architecture'] or given['class']} (fingerprint {given['fingerprint'][:12]}…): "
+            "load it on the exact backbone (architecture and weights) it was trained on"
+        )
+
+
+def adapter_state(model: AdaptedModel) -> dict[str, torch.Tensor]:
+    """Every tensor an adapter file must carry: branch groups, banks, heads, trained backbone modules."""
+    trained_prefixes = tuple(f"backbone.{m}." for m in model.saved_modules)
+    return {
+        k: v.detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if ".groups." in k or k.startswith(("heads.", "banks.")) or k.startswith(trained_prefixes)
+    }
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save(model: AdaptedModel, directory: str | os.PathLike) -> Path:
+    """Write the adapter directory atomically (each file replaced whole)."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {
+        "format": "loraplex-adapter",
+        "version": FORMAT_VERSION,
+        "method": model.method_name,
+        "config": model.method_config,
+        "tasks": model.tasks,
+        "heads": {t: int(h.out_features) for t, h in model.heads.items() if isinstance(h, nn.Linear)},
+        "backbone": model.backbone_info,
+        "mixed_strategy": model.mixed_strategy,
+    }
+    tensors = adapter_state(model)
+    _atomic_write(out / TENSORS_FILE, lambda p: save_file(tensors, p, metadata={"format": "loraplex"}))
+    _atomic_write(out / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+    return out
+
+
+def read_config(directory: str | os.PathLike) -> dict:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise AdapterFileError(f"{directory} is not a loraplex adapter directory: {CONFIG_FILE} is missing")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterFileError(f"{path} is corrupted (not valid JSON: {err})") from err
+    if not isinstance(config, dict) or config.get("format") != "loraplex-adapter":
+        raise AdapterFileError(f"{path} is not a loraplex adapter config")
+    if config.get("version", 0) > FORMAT_VERSION:
+        raise AdapterFileError(f"{path} has format version {config['version']}; this loraplex reads ≤ {FORMAT_VERSION}")
+    return config
+
+
+def load_tensors(model: AdaptedModel, directory: str | os.PathLike) -> None:
+    """Load an adapter file into a freshly wrapped model; every expected tensor must be present."""
+    path = Path(directory) / TENSORS_FILE
+    if not path.is_file():
+        raise AdapterFileError(f"{path} is missing")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterFileError(f"{path} is corrupted or truncated: {err}") from err
+    expected = adapter_state(model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise AdapterFileError(
+            f"{path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    for key, value in tensors.items():
+        if value.shape != expected[key].shape:
+            raise AdapterFileError(f"{path}: {key} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}")
+    model.load_state_dict(tensors, strict=False)
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """``adapter`` (trainable branch and bank parameters), ``head``, ``trainable``, ``frozen``, ``total``."""
+    counts = dict.fromkeys(("adapter", "head", "trainable", "frozen", "total"), 0)
+    for name, p in model.named_parameters():
+        n = p.numel()
+        counts["total"] += n
+        counts["trainable" if p.requires_grad else "frozen"] += n
+        if p.requires_grad and (".groups." in name or name.startswith("banks.")):
+            counts["adapter"] += n
+        if name.startswith("heads."):
+            counts["head"] += n
+    return counts
+
+
+def export_peft(model: AdaptedModel, directory: str | os.PathLike, task: str | int | None = None,
+                include_head: bool = False) -> Path:
+    """Write shared + ``task`` deltas as one plain PEFT LoRA (rank = sum of the branch ranks).
+
+    Each layer's branches are concatenated along the rank: ``A = [A_1; A_2; …]``,
+    ``B = [s_1 B_1, s_2 B_2, …]`` with ``lora_alpha = r`` (PEFT scaling 1), so
+    ``B A = Σ s_i B_i A_i`` exactly; bank-built and subspace-constrained branches export through
+    their effective factors.  ``include_head`` writes the task head as the backbone's classifier
+    (``modules_to_save``): load it on the same timm model created with that head's class count.
+    """
+    t = None if task is None else model.task_index(task)
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    for name, layer in model.adapted_layers().items():
+        a_parts, b_parts = [], []
+        for key, group in layer.groups.items():
+            if group.routing == "soft":
+                raise ValueError(
+                    f"{name}: group {key!r} is routed by input-dependent gates; a PEFT LoRA cannot express it"
+                )
+            if group.routing == "task" and t is None:
+                continue
+            branch = 0 if group.routing == "always" else t
+            a, b = group.factors()
+            a_parts.append(a[branch])
+            b_parts.append(group.scale[branch] * b[branch])
+        if not a_parts:
+            continue
+        a_cat = torch.cat(a_parts).detach().cpu().contiguous()
+        b_cat = torch.cat(b_parts, dim=1).detach().cpu().contiguous()
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a_cat
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b_cat
+        ranks[name] = int(a_cat.shape[0])
+    if not ranks:
+        raise ValueError("this model has no LoRA branches to export")
+    saved = list(model.saved_modules)
+    for module in saved:
+        for pname, p in model.backbone.get_submodule(module).named_parameters():
+            tensors[f"base_model.model.{module}.{pname}"] = p.detach().cpu().contiguous()
+    if include_head:
+        if t is None:
+            raise ValueError("include_head needs a task")
+        classifier = (getattr(model.backbone, "pretrained_cfg", None) or {}).get("classifier", "head")
+        head = model.heads[model.tasks[t]]
+        tensors[f"base_model.model.{classifier}.weight"] = head.weight.detach().cpu().contiguous()
+        tensors[f"base_model.model.{classifier}.bias"] = head.bias.detach().cpu().contiguous()
+        saved.append(classifier)
+    default_rank = max(ranks.values())
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "r": default_rank,
+        "lora_alpha": default_rank,
+        "target_modules": sorted(ranks),
+        "rank_pattern": {n: r for n, r in ranks.items() if r != default_rank},
+        "alpha_pattern": {n: r for n, r in ranks.items() if r != default_rank},
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "init_lora_weights": True,
+        "modules_to_save": saved or None,
+        "inference_mode": True,
+    }
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "adapter_model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    _atomic_write(out / "adapter_config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+    return out

@@ -1,0 +1,160 @@
+"""Subspaces a low-rank factor may live in.
+
+Two sides, one mechanism (:class:`Subspace`):
+
+* **output side** (seed 000): ``B`` confined to the column space ``span(U_c)`` or the left null space
+  ``span(U_⊥)`` of the frozen ``W`` — bases from a thin SVD of ``W`` (:func:`weight_subspaces`);
+* **input side** (GPM, InfLoRA, DualLoRA): ``A`` confined to the span of a feature memory, or to its
+  orthogonal complement — bases from a :class:`FeatureMemory`.
+
+Two forms: **coordinates** (the factor is ``basis @ C`` with ``C`` trained, fewer parameters) and
+**projection** (the factor is ``P F`` with the full-size ``F`` trained; the paper-style parameter count).
+A complement is always applied as ``x - M (Mᵀ x)``, which stays exact when the memory grows, so it
+is projection-only.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+Form = Literal["coordinates", "projection"]
+TruncationK = int | float | None
+
+
+def numerical_rank_k(singular_values: torch.Tensor, shape: tuple[int, int], k: TruncationK) -> int:
+    """Resolve a truncation spec: ``None`` numerical rank, ``int`` fixed k, ``float`` energy fraction."""
+    if k is None:
+        tol = max(shape) * torch.finfo(torch.float32).eps * singular_values.max()
+        return int((singular_values > tol).sum())
+    if isinstance(k, float):
+        if not 0.0 < k <= 1.0:
+            raise ValueError(f"an energy fraction k must lie in (0, 1], got {k}")
+        energy = singular_values.double().square().cumsum(0)
+        return int(torch.searchsorted(energy, k * energy[-1]).item()) + 1
+    if not 0 <= k <= min(shape):
+        raise ValueError(f"truncation k={k} is outside [0, {min(shape)}] for a {shape[0]}×{shape[1]} weight")
+    return int(k)
+
+
+def weight_subspaces(weight: torch.Tensor, k: TruncationK = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U_c, U_⊥)``: orthonormal bases of the column space (first k left singular vectors) and of
+    the rest of the output space, from a full SVD of ``W`` (``out × in``) in float64."""
+    u, s, _ = torch.linalg.svd(weight.detach().double(), full_matrices=True)
+    kk = numerical_rank_k(s, tuple(weight.shape), k)
+    return u[:, :kk].to(weight.dtype).contiguous(), u[:, kk:].to(weight.dtype).contiguous()
+
+
+class Subspace(nn.Module):
+    """A fixed orthonormal ``basis`` (``[dim, m]``, or ``[n, dim, m]`` per branch) and whether the
+    allowed space is its span or its orthogonal complement."""
+
+    def __init__(self, basis: torch.Tensor, complement: bool = False, form: Form = "projection") -> None:
+        super().__init__()
+        if form not in ("coordinates", "projection"):
+            raise ValueError(f"unknown subspace form {form!r}; choose 'coordinates' or 'projection'")
+        if complement and form == "coordinates":
+            raise ValueError("a complement subspace only has the 'projection' form")
+        self.complement = complement
+        self.form = form
+        self.register_buffer("basis", basis.contiguous())
+
+    @property
+    def ambient_dim(self) -> int:
+        return int(self.basis.shape[-2])
+
+    @property
+    def dim(self) -> int:
+        """Dimension of the allowed space."""
+        m = int(self.basis.shape[-1])
+        return self.ambient_dim - m if self.complement else m
+
+    def coordinate_dim(self) -> int:
+        return int(self.basis.shape[-1]) if self.form == "coordinates" else self.ambient_dim
+
+    def project_columns(self, f: torch.Tensor) -> torch.Tensor:
+        """Map a stacked factor ``[n, dim, r]`` (coordinates ``[n, m, r]``) into the allowed space."""
+        u = self.basis
+        if self.form == "coordinates":
+            return u @ f
+        inside = u @ (u.transpose(-1, -2) @ f)
+        return f - inside if self.complement else inside
+
+    def project_rows(self, f: torch.Tensor) -> torch.Tensor:
+        """Same for a row factor ``[n, r, dim]`` (coordinates ``[n, r, m]``): ``f Pᵀ``."""
+        return self.project_columns(f.transpose(-1, -2)).transpose(-1, -2)
+
+    def set_basis(self, basis: torch.Tensor) -> None:
+        """Replace the basis (e.g. after a feature memory grew); the factor shapes must not change."""
+        if self.form == "coordinates" and basis.shape != self.basis.shape:
+            raise ValueError("a coordinate-form basis cannot change size once its factor is trained")
+        self.basis = basis.to(self.basis).contiguous()
+
+
+class FeatureMemory:
+    """GPM-style memory of the input subspace a layer has seen (Saha & Roy, ICLR 2021).
+
+    Inputs are accumulated as an uncentred covariance ``C = Σ x xᵀ`` (streaming, ``dim × dim``), so
+    any number of tokens can be observed.  :meth:`grow` adds, after each task, the fewest new
+    directions (orthogonal to the memory) such that the memory retains ``threshold`` of that task's
+    input energy: ``‖Mᵀ X‖² + Σ_{i≤k} σ_i² ≥ ε ‖X‖²`` with σ from the residual ``(I − M Mᵀ) X``.
+    The per-task bases are kept too (DualLoRA needs ``U_t`` beside ``M = [U_1 … U_t]``).
+    """
+
+    def __init__(self, dim: int, cls_only: bool = False) -> None:
+        self.dim = dim
+        self.cls_only = cls_only
+        self.basis = torch.zeros(dim, 0, dtype=torch.float64)
+        self.task_bases: list[torch.Tensor] = []
+        self.reset_statistics()
+
+    def reset_statistics(self) -> None:
+        self.covariance = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+        self.count = 0
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        """Accumulate a layer input ``[L, ..., dim]``; with ``cls_only`` just the first token."""
+        if self.cls_only and x.dim() >= 3:
+            x = x[:, 0]
+        flat = x.reshape(-1, self.dim).double()
+        self.covariance += flat.T @ flat
+        self.count += flat.shape[0]
+
+    def _residual_eigen(self) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        m = self.basis
+        c = self.covariance
+        projector = torch.eye(self.dim, dtype=c.dtype) - m @ m.T
+        residual = projector @ c @ projector
+        evals, evecs = torch.linalg.eigh(residual)
+        order = evals.flip(0).clamp_min(0)
+        return order, evecs.flip(1), float(c.trace()), float((m.T @ c @ m).trace())
+
+    def residual_directions(self, rank: int) -> torch.Tensor:
+        """Top-``rank`` directions of the observed inputs outside the memory (InfLoRA's fixed ``A``)."""
+        _, evecs, _, _ = self._residual_eigen()
+        return evecs[:, :rank].float()
+
+    def grow(self, threshold: float) -> torch.Tensor:
+        """Add this task's new directions; returns the task basis ``U_t`` and resets statistics."""
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"memory energy threshold must lie in (0, 1], got {threshold}")
+        if self.count == 0:
+            raise RuntimeError("FeatureMemory.grow() called before any input was observed")
+        evals, evecs, total, kept = self._residual_eigen()
+        k = 0
+        if kept < threshold * total:
+            cumulative = kept + evals.cumsum(0)
+            k = int(torch.searchsorted(cumulative, torch.tensor(threshold * total, dtype=cumulative.dtype)))
+            k = min(k + 1, self.dim - self.basis.shape[1])
+        new = evecs[:, :k]
+        self.task_bases.append(new.float())
+        self.basis = torch.cat([self.basis, new], dim=1)
+        self.reset_statistics()
+        return new.float()
+
+    @property
+    def memory(self) -> torch.Tensor:
+        return self.basis.float()
