@@ -51,7 +51,7 @@ def wrap(backbone: nn.Module, config: MethodConfig, heads: dict[str, int]) -> Ad
     model.method_name = method.name
     model.method_config = config.to_dict()
     model.backbone_info = info
-    model.saved_modules = [m for m in saved if not any(m.startswith(s + ".") for s in saved)]
+    model.saved_modules = saved
     return model
 
 

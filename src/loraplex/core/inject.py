@@ -211,17 +211,19 @@ def _build_group(group: GroupSpec, layer: AdaptedLinear, rank: int, banks: dict[
 
 
 def freeze(model: nn.Module, modules_to_save: Targets = ()) -> list[str]:
-    """Freeze every parameter, then unfreeze modules matching ``modules_to_save`` (names or regex).
+    """Freeze every parameter, then unfreeze the modules (or bare parameters, such as a ViT's
+    ``cls_token``) whose names match ``modules_to_save``.
 
-    Returns the names of the modules left trainable, so the adapter file can carry them."""
+    Returns the outermost matching names, so the adapter file can carry exactly those tensors."""
     for p in model.parameters():
         p.requires_grad_(False)
     if not modules_to_save:
         return []
-    chosen = [name for name, m in model.named_modules() if name and matches(name, modules_to_save)]
+    names = [n for n, _ in model.named_modules() if n] + [n for n, _ in model.named_parameters()]
+    chosen = sorted({n for n in names if matches(n, modules_to_save)})
     if not chosen:
         raise ValueError(f"modules_to_save {modules_to_save!r} matched no module of {type(model).__name__}")
-    for name in chosen:
-        for p in model.get_submodule(name).parameters():
+    for name, p in model.named_parameters():
+        if any(name == c or name.startswith(c + ".") for c in chosen):
             p.requires_grad_(True)
-    return chosen
+    return [c for c in chosen if not any(c.startswith(o + ".") for o in chosen)]

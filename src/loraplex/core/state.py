@@ -59,14 +59,21 @@ def check_backbone(saved: dict, backbone: nn.Module, where: str) -> None:
         )
 
 
+def trained_backbone_state(model: AdaptedModel) -> dict[str, torch.Tensor]:
+    """State of the backbone modules a method trains fully (``modules_to_save``), by backbone name."""
+    saved = model.saved_modules
+    return {
+        k: v
+        for k, v in model.backbone.state_dict().items()
+        if ".groups." not in k and any(k == m or k.startswith(m + ".") for m in saved)
+    }
+
+
 def adapter_state(model: AdaptedModel) -> dict[str, torch.Tensor]:
     """Every tensor an adapter file must carry: branch groups, banks, heads, trained backbone modules."""
-    trained_prefixes = tuple(f"backbone.{m}." for m in model.saved_modules)
-    return {
-        k: v.detach().cpu().contiguous()
-        for k, v in model.state_dict().items()
-        if ".groups." in k or k.startswith(("heads.", "banks.")) or k.startswith(trained_prefixes)
-    }
+    state = {k: v for k, v in model.state_dict().items() if ".groups." in k or k.startswith(("heads.", "banks."))}
+    state.update({f"backbone.{k}": v for k, v in trained_backbone_state(model).items()})
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -187,9 +194,8 @@ def export_peft(model: AdaptedModel, directory: str | os.PathLike, task: str | i
     if not ranks:
         raise ValueError("this model has no LoRA branches to export")
     saved = list(model.saved_modules)
-    for module in saved:
-        for pname, p in model.backbone.get_submodule(module).named_parameters():
-            tensors[f"base_model.model.{module}.{pname}"] = p.detach().cpu().contiguous()
+    for key, value in trained_backbone_state(model).items():
+        tensors[f"base_model.model.{key}"] = value.detach().cpu().contiguous()
     if include_head:
         if t is None:
             raise ValueError("include_head needs a task")
