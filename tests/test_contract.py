@@ -19,11 +19,18 @@ CASES = {
     "full_finetune": ("full_finetune", {}),
     "shared_specific": ("shared_specific", {"rank": 3, "domain_rank": 2, "target_modules": ["attn.qkv", "fc1"]}),
     "shared_specific_coords": (
-        "shared_specific", {"rank": 3, "constraint": "subspace", "form": "coordinates", "target_modules": ["qkv", "fc1"]},
+        "shared_specific",
+        {"rank": 3, "constraint": "subspace", "form": "coordinates", "target_modules": ["qkv", "fc1"]},
     ),
     "shared_specific_proj_k": (
-        "shared_specific", {"rank": 2, "constraint": "subspace", "form": "projection", "k": 0.9,
-                            "target_modules": ["qkv", "proj", "fc1", "fc2"]},
+        "shared_specific",
+        {
+            "rank": 2,
+            "constraint": "subspace",
+            "form": "projection",
+            "k": 0.9,
+            "target_modules": ["qkv", "proj", "fc1", "fc2"],
+        },
     ),
 }
 ADAPTED = [c for c in CASES if CASES[c][0] not in ("linear_probe", "full_finetune")]

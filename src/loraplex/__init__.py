@@ -7,6 +7,13 @@ from .methods import make_config
 
 __version__ = "0.1.0"
 __all__ = [
-    "AdaptedModel", "AdapterFileError", "MixedOutput", "count_parameters", "export_peft", "load",
-    "make_config", "methods", "wrap",
+    "AdaptedModel",
+    "AdapterFileError",
+    "MixedOutput",
+    "count_parameters",
+    "export_peft",
+    "load",
+    "make_config",
+    "methods",
+    "wrap",
 ]

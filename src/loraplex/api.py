@@ -63,4 +63,3 @@ def load(directory: str | os.PathLike, backbone: nn.Module) -> AdaptedModel:
     model = wrap(backbone, cfg, heads=config["heads"])
     load_tensors(model, directory)
     return model
-

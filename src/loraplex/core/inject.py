@@ -64,7 +64,9 @@ class GroupSpec:
         if block is None:
             raise ValueError(f"{name}: a per-block rank schedule needs a layer inside a '…blocks.<i>' container")
         if block >= len(self.rank):
-            raise ValueError(f"rank schedule of group {self.name!r} has {len(self.rank)} entries; {name} is in block {block}")
+            raise ValueError(
+                f"rank schedule of group {self.name!r} has {len(self.rank)} entries; {name} is in block {block}"
+            )
         return int(self.rank[block])
 
 
@@ -186,9 +188,7 @@ def _build_group(group: GroupSpec, layer: AdaptedLinear, rank: int, banks: dict[
         bank = banks[key]
         if bank.rank != rank:
             raise ValueError(f"{layer.name}: a shared bank needs one rank per shape; got {rank} and {bank.rank}")
-    output_space = (
-        _output_space(group.output_subspace, layer, group, rank) if group.output_subspace else None
-    )
+    output_space = _output_space(group.output_subspace, layer, group, rank) if group.output_subspace else None
     input_space = None
     if group.input_complement:
         input_space = Subspace(layer.base.weight.new_zeros(inp, 0), complement=True)

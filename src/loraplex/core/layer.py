@@ -136,9 +136,7 @@ def _per_sample(x: torch.Tensor, batch: int) -> torch.Tensor:
 def _slices(group: LoRAGroup, x: torch.Tensor, route: Route) -> torch.Tensor:
     a, b = group.factors()
     xs = _per_sample(group.dropout(x), len(route.task_ids))
-    parts = [
-        group.scale[t] * ((xs[start:stop] @ a[t].T) @ b[t].T) for t, start, stop in route.segments
-    ]
+    parts = [group.scale[t] * ((xs[start:stop] @ a[t].T) @ b[t].T) for t, start, stop in route.segments]
     return torch.cat(parts).reshape(*x.shape[:-1], -1)
 
 

@@ -40,9 +40,7 @@ class Route:
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def for_samples(
-        cls, sorted_ids: torch.Tensor, strategy: MixedStrategy = "bmm", **kw
-    ) -> Route:
+    def for_samples(cls, sorted_ids: torch.Tensor, strategy: MixedStrategy = "bmm", **kw) -> Route:
         """A per-sample route from task ids already sorted (ascending) by the model."""
         if strategy not in MIXED_STRATEGIES:
             raise ValueError(f"unknown mixed-batch strategy {strategy!r}; choose one of {MIXED_STRATEGIES}")
@@ -76,7 +74,7 @@ class RouteContext:
 
     def __init__(self) -> None:
         self.route: Route = Route()
-        self.merged_task: int | None | bool = False  # False: not merged; else the folded task (or None)
+        self.merged_task: int | bool | None = False  # False: not merged; else the folded task (or None)
         self.recorders: dict[str, object] = {}  # layer name -> feature recorder, while collecting
 
     def set(self, route: Route) -> Route:

@@ -135,12 +135,12 @@ def load_tensors(model: AdaptedModel, directory: str | os.PathLike) -> None:
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise AdapterFileError(
-            f"{path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+        raise AdapterFileError(f"{path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for key, value in tensors.items():
         if value.shape != expected[key].shape:
-            raise AdapterFileError(f"{path}: {key} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}")
+            raise AdapterFileError(
+                f"{path}: {key} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}"
+            )
     model.load_state_dict(tensors, strict=False)
 
 
@@ -158,8 +158,9 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     return counts
 
 
-def export_peft(model: AdaptedModel, directory: str | os.PathLike, task: str | int | None = None,
-                include_head: bool = False) -> Path:
+def export_peft(
+    model: AdaptedModel, directory: str | os.PathLike, task: str | int | None = None, include_head: bool = False
+) -> Path:
     """Write shared + ``task`` deltas as one plain PEFT LoRA (rank = sum of the branch ranks).
 
     Each layer's branches are concatenated along the rank: ``A = [A_1; A_2; …]``,

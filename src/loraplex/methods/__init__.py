@@ -6,7 +6,18 @@ from .registry import REGISTRY, AdapterPlan, MethodConfig, get_method, make_conf
 from .shared_specific import SharedSpecificConfig
 
 __all__ = [
-    "REGISTRY", "AdapterPlan", "FullFinetuneConfig", "LinearProbeConfig", "LoRAConfig",
-    "LoRAPerTaskConfig", "MethodConfig", "SharedSpecificConfig", "baselines", "get_method",
-    "make_config", "method_of", "register", "shared_specific",
+    "REGISTRY",
+    "AdapterPlan",
+    "FullFinetuneConfig",
+    "LinearProbeConfig",
+    "LoRAConfig",
+    "LoRAPerTaskConfig",
+    "MethodConfig",
+    "SharedSpecificConfig",
+    "baselines",
+    "get_method",
+    "make_config",
+    "method_of",
+    "register",
+    "shared_specific",
 ]

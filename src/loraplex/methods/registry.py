@@ -29,7 +29,9 @@ class MethodConfig:
         if len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"config key 'tasks' has duplicates: {self.tasks}")
         if self.mixed_strategy not in MIXED_STRATEGIES:
-            raise ValueError(f"config key 'mixed_strategy' must be one of {MIXED_STRATEGIES}, got {self.mixed_strategy!r}")
+            raise ValueError(
+                f"config key 'mixed_strategy' must be one of {MIXED_STRATEGIES}, got {self.mixed_strategy!r}"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -43,13 +43,20 @@ def shared_specific(cfg: SharedSpecificConfig) -> AdapterPlan:
     """One shared LoRA plus one LoRA per domain on every adapted layer."""
     subspace = cfg.constraint == "subspace"
     shared = GroupSpec(
-        "shared", "always", rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
+        "shared",
+        "always",
+        rank=cfg.rank,
+        alpha=cfg.alpha,
+        dropout=cfg.dropout,
         output_subspace=OutputSubspaceSpec("column", cfg.k, cfg.form) if subspace else None,
     )
     domain = GroupSpec(
-        "domain", "task", n=len(cfg.tasks),
+        "domain",
+        "task",
+        n=len(cfg.tasks),
         rank=cfg.rank if cfg.domain_rank is None else cfg.domain_rank,
-        alpha=cfg.alpha, dropout=cfg.dropout,
+        alpha=cfg.alpha,
+        dropout=cfg.dropout,
         output_subspace=OutputSubspaceSpec("null", cfg.k, cfg.form) if subspace else None,
     )
     return AdapterPlan([shared, domain], cfg.target_modules, cfg.blocks, cfg.modules_to_save)
