@@ -65,7 +65,8 @@ def test_rank_beyond_the_null_space_names_the_layer_and_dimensions():
 def test_input_complement_of_a_memory_silences_remembered_inputs():
     backbone = tiny_vit()
     context = RouteContext()
-    layers = inject(backbone, ["fc1"], [GroupSpec("ortho", "always", rank=4, input_complement=True)], context).layers
+    spec = GroupSpec("ortho", "always", rank=4, input_subspace="complement")
+    layers = inject(backbone, ["fc1"], [spec], context).layers
     g = torch.Generator().manual_seed(0)
     for layer in layers.values():
         group = layer.groups["ortho"]
@@ -78,6 +79,28 @@ def test_input_complement_of_a_memory_silences_remembered_inputs():
         torch.testing.assert_close(group.delta_weight(0) @ x.T, torch.zeros(192, 5), atol=1e-5, rtol=0)
         fresh = torch.randn(5, 48, generator=g)
         assert (group.delta_weight(0) @ fresh.T).abs().max() > 1e-3
+
+
+def test_input_span_confines_each_branch_to_its_own_basis():
+    backbone = tiny_vit()
+    spec = GroupSpec("residual", "task", n=2, rank=3, input_subspace="span")
+    layer = next(iter(inject(backbone, ["fc2"], [spec], RouteContext()).layers.values()))
+    group = layer.groups["residual"]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        group.B.normal_(generator=g)
+    assert group.delta_weight(0).abs().max() == 0  # an empty span allows nothing yet
+    bases = [torch.linalg.qr(torch.randn(192, m, generator=g))[0] for m in (5, 2)]  # per-task widths differ
+    group.input_space.set_basis(bases)
+    for t, u in enumerate(bases):
+        delta = group.delta_weight(t)
+        outside = torch.randn(192, 4, generator=g)
+        outside = outside - u @ (u.T @ outside)
+        torch.testing.assert_close(delta @ outside, torch.zeros(48, 4), atol=1e-5, rtol=0)
+        torch.testing.assert_close(delta @ u @ u.T, delta, atol=1e-5, rtol=1e-5)  # row space inside span(U_t)
+        assert delta.abs().max() > 1e-3
+    with pytest.raises(ValueError, match="needs 192 rows"):
+        group.input_space.set_basis(torch.zeros(48, 2))
 
 
 def test_feature_memory_grows_by_energy_and_keeps_task_bases():

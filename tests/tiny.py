@@ -12,36 +12,30 @@ TASKS = ["fashion", "mnist", "digits"]
 HEADS = {"fashion": 10, "mnist": 7, "digits": 5}
 
 
-def tiny_vit(seed: int = 0, num_classes: int = 0) -> nn.Module:
+def _tiny(arch: str, seed: int, num_classes: int, **kwargs) -> nn.Module:
     torch.manual_seed(seed)
-    model = timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        num_classes=0,
-        img_size=16,
-        patch_size=4,
-        embed_dim=48,
-        depth=2,
-        num_heads=3,
-    )
+    model = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
     model.reset_classifier(num_classes)  # after creation, so the body's weights never depend on it
     return model.eval()
 
 
+def tiny_vit(seed: int = 0, num_classes: int = 0) -> nn.Module:
+    return _tiny(
+        "vit_tiny_patch16_224", seed, num_classes, img_size=16, patch_size=4, embed_dim=48, depth=2, num_heads=3
+    )
+
+
 def tiny_swin(seed: int = 0, num_classes: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    model = timm.create_model(
+    return _tiny(
         "swin_tiny_patch4_window7_224",
-        pretrained=False,
-        num_classes=0,
+        seed,
+        num_classes,
         img_size=32,
         window_size=4,
         embed_dim=24,
         depths=(2, 2),
         num_heads=(2, 4),
     )
-    model.reset_classifier(num_classes)
-    return model.eval()
 
 
 BACKBONES = {"vit": tiny_vit, "swin": tiny_swin}

@@ -54,7 +54,7 @@ class GroupSpec:
     init: Init = "lora"
     targets: Targets | None = None
     output_subspace: OutputSubspaceSpec | None = None
-    input_complement: bool = False  # A confined to a memory's complement (basis set later)
+    input_subspace: Literal["span", "complement"] | None = None  # A confined to a memory (basis set later)
     train_A: bool = True
     bank_size: int = 0  # > 0: factors from a BasisBank of this many bases, one bank per layer shape
 
@@ -190,8 +190,12 @@ def _build_group(group: GroupSpec, layer: AdaptedLinear, rank: int, banks: dict[
             raise ValueError(f"{layer.name}: a shared bank needs one rank per shape; got {rank} and {bank.rank}")
     output_space = _output_space(group.output_subspace, layer, group, rank) if group.output_subspace else None
     input_space = None
-    if group.input_complement:
-        input_space = Subspace(layer.base.weight.new_zeros(inp, 0), complement=True)
+    if group.input_subspace is not None:
+        if group.input_subspace not in ("span", "complement"):
+            raise ValueError(f"unknown input subspace {group.input_subspace!r}; choose 'span' or 'complement'")
+        # empty until a FeatureMemory fills it: a span then allows nothing, a complement everything
+        complement = group.input_subspace == "complement"
+        input_space = Subspace(layer.base.weight.new_zeros(inp, 0), complement=complement)
     effective_rank = rank * max(group.bank_size, 1)
     scale = group.scale if group.scale is not None else (group.alpha or effective_rank) / effective_rank
     return LoRAGroup(

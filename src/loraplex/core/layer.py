@@ -51,11 +51,8 @@ class AdaptedLinear(nn.Module):
         y = self.base(x)
         if ctx.merged_task is not False:  # deltas already folded into W
             return y
-        route = ctx.route
         for group in self.groups.values():
-            delta = group_delta(group, x, route)
-            if delta is not None:
-                y = y + delta
+            y = add_group_output(group, x, y, ctx.route)
         return y
 
     def delta_weight(self, task: int | None) -> torch.Tensor:
@@ -87,7 +84,7 @@ class AdaptedLinear(nn.Module):
         task_group = None
         for group in self.groups.values():
             if group.routing == "always":
-                y_shared = y_shared + _always(group, x_shared)
+                y_shared = _always(group, x_shared, y_shared)
             elif group.routing == "task":
                 task_group = group
         if task_group is None:
@@ -102,58 +99,70 @@ class AdaptedLinear(nn.Module):
         return y_shared, y_tasks
 
 
-def _always(group: LoRAGroup, x: torch.Tensor) -> torch.Tensor:
+def _add_product(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``y + h Bᵀ`` as one fused ``addmm`` over the flattened leading dimensions."""
+    return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), b.T).view_as(y)
+
+
+def _low_rank(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``y + scale · (x Aᵀ) Bᵀ``: the scale multiplies the rank-r intermediate (cheapest place)."""
+    return _add_product(y, (x @ a.T) * scale, b)
+
+
+def _always(group: LoRAGroup, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     a, b = group.factors()
-    return group.scale[0] * ((group.dropout(x) @ a[0].T) @ b[0].T)
+    return _low_rank(group.dropout(x), y, a[0], b[0], group.scale[0])
 
 
-def group_delta(group: LoRAGroup, x: torch.Tensor, route: Route) -> torch.Tensor | None:
-    """The routed output of one group for input ``x`` ``[batch·k, ..., in]``."""
+def add_group_output(group: LoRAGroup, x: torch.Tensor, y: torch.Tensor, route: Route) -> torch.Tensor:
+    """``y`` plus the routed output of one group for input ``x`` ``[batch·k, ..., in]``."""
     if group.routing == "always":
-        return _always(group, x)
+        return _always(group, x, y)
     if group.routing == "soft":
         if route.weights is None:
             raise RuntimeError("a soft-routed group ran without gate weights in the route")
-        return _masked(group, x, route.weights)
+        return _masked(group, x, y, route.weights)
     if route.task is not None:
         a, b = group.factors()
-        return group.scale[route.task] * ((group.dropout(x) @ a[route.task].T) @ b[route.task].T)
+        t = route.task
+        return _low_rank(group.dropout(x), y, a[t], b[t], group.scale[t])
     if route.task_ids is None:
-        return None  # shared-only route: task branches stay silent
+        return y  # shared-only route: task branches stay silent
     if route.strategy == "slices":
-        return _slices(group, x, route)
+        return _slices(group, x, y, route)
     if route.strategy == "bmm":
-        return _bmm(group, x, route)
-    return _masked(group, x, route.task_mask(group.n, x.dtype))
+        return _bmm(group, x, y, route)
+    return _masked(group, x, y, route.task_mask(group.n, x.dtype))
 
 
-def _per_sample(x: torch.Tensor, batch: int) -> torch.Tensor:
-    if x.shape[0] % batch:
-        raise RuntimeError(f"layer input leading dim {x.shape[0]} is not a multiple of the batch {batch}")
-    return x.reshape(batch, -1, x.shape[-1])
+def _per_sample(t: torch.Tensor, batch: int) -> torch.Tensor:
+    if t.shape[0] % batch:
+        raise RuntimeError(f"layer input leading dim {t.shape[0]} is not a multiple of the batch {batch}")
+    return t.reshape(batch, -1, t.shape[-1])
 
 
-def _slices(group: LoRAGroup, x: torch.Tensor, route: Route) -> torch.Tensor:
+def _slices(group: LoRAGroup, x: torch.Tensor, y: torch.Tensor, route: Route) -> torch.Tensor:
     a, b = group.factors()
-    xs = _per_sample(group.dropout(x), len(route.task_ids))
-    parts = [group.scale[t] * ((xs[start:stop] @ a[t].T) @ b[t].T) for t, start, stop in route.segments]
-    return torch.cat(parts).reshape(*x.shape[:-1], -1)
+    batch = len(route.task_ids)
+    xs, ys = _per_sample(group.dropout(x), batch), _per_sample(y, batch)
+    parts = [_low_rank(xs[i:j], ys[i:j], a[t], b[t], group.scale[t]) for t, i, j in route.segments]
+    return torch.cat(parts).view_as(y)
 
 
-def _bmm(group: LoRAGroup, x: torch.Tensor, route: Route) -> torch.Tensor:
+def _bmm(group: LoRAGroup, x: torch.Tensor, y: torch.Tensor, route: Route) -> torch.Tensor:
     a, b = group.factors()
     ids = route.task_ids
     xs = _per_sample(group.dropout(x), len(ids))
     h = torch.bmm(xs, a[ids].transpose(1, 2)) * group.scale[ids].view(-1, 1, 1)
-    return torch.bmm(h, b[ids].transpose(1, 2)).reshape(*x.shape[:-1], -1)
+    return torch.baddbmm(_per_sample(y, len(ids)), h, b[ids].transpose(1, 2)).view_as(y)
 
 
-def _masked(group: LoRAGroup, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+def _masked(group: LoRAGroup, x: torch.Tensor, y: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
     """One GEMM through all ``n`` branches; each sample's rank block is scaled by its gate."""
     a, b = group.factors()
     n, r = a.shape[0], a.shape[1]
-    xs = _per_sample(group.dropout(x), gates.shape[0])
-    h = xs @ a.reshape(n * r, -1).T
-    mask = (gates * group.scale).repeat_interleave(r, dim=1).unsqueeze(1)
+    batch = gates.shape[0]
+    xs = _per_sample(group.dropout(x), batch)
+    h = (xs @ a.reshape(n * r, -1).T) * (gates * group.scale).repeat_interleave(r, dim=1).unsqueeze(1)
     b_cat = b.permute(1, 0, 2).reshape(b.shape[1], n * r)
-    return ((h * mask) @ b_cat.T).reshape(*x.shape[:-1], -1)
+    return _add_product(y, h, b_cat)

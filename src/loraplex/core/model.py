@@ -83,6 +83,11 @@ class AdaptedModel(nn.Module):
     def adapted_layers(self) -> dict[str, AdaptedLinear]:
         return {m.name: m for m in self.backbone.modules() if isinstance(m, AdaptedLinear)}
 
+    @property
+    def mergeable(self) -> bool:
+        """Whether every delta is input-independent, so a task's deltas fold exactly into W."""
+        return all(g.routing != "soft" for layer in self.adapted_layers().values() for g in layer.groups.values())
+
     @contextlib.contextmanager
     def routed(self, route: Route) -> Iterator[None]:
         merged = self.context.merged_task

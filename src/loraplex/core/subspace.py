@@ -86,10 +86,18 @@ class Subspace(nn.Module):
         """Same for a row factor ``[n, r, dim]`` (coordinates ``[n, r, m]``): ``f Pᵀ``."""
         return self.project_columns(f.transpose(-1, -2)).transpose(-1, -2)
 
-    def set_basis(self, basis: torch.Tensor) -> None:
-        """Replace the basis (e.g. after a feature memory grew); the factor shapes must not change."""
+    def set_basis(self, basis: torch.Tensor | list[torch.Tensor]) -> None:
+        """Replace the basis (e.g. after a feature memory grew); the factor shapes must not change.
+
+        A list gives one basis per branch (DualLoRA's per-task ``U_t``, of different widths); they
+        are stacked with zero columns, which change no projection."""
+        if isinstance(basis, list):
+            width = max((b.shape[-1] for b in basis), default=0)
+            basis = torch.stack([nn.functional.pad(b, (0, width - b.shape[-1])) for b in basis])
         if self.form == "coordinates" and basis.shape != self.basis.shape:
             raise ValueError("a coordinate-form basis cannot change size once its factor is trained")
+        if basis.shape[-2] != self.ambient_dim:
+            raise ValueError(f"a basis for this subspace needs {self.ambient_dim} rows, got {basis.shape[-2]}")
         self.basis = basis.to(self.basis).contiguous()
 
 
