@@ -4,8 +4,10 @@ PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+# Debian packages with real data (Fashion-MNIST IDX files); installed when missing and we are root.
+DEB_PACKAGES := dataset-fashion-mnist
 
-.PHONY: demo test lint bench clean-venv
+.PHONY: demo test lint bench system-data clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -13,14 +15,25 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.14.1 torchvision==0.29.1 2>&1 | grep -v "is ignored" || true
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]' 2>&1 | grep -v "is ignored" || true
-	$(PY) -c "import loraplex, peft, timm"
+	$(PY) -c "import loraplex, peft, timm, mlxtend"
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-demo: $(STAMP)
+system-data:
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages: $$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else \
+	    echo "missing Debian packages: $$missing (run: sudo apt-get install -y $$missing)"; \
+	  fi; \
+	fi
+
+demo: $(STAMP) system-data
 	$(PY) -m loraplex.demo
 
-test: $(STAMP)
+test: $(STAMP) system-data
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -q
 

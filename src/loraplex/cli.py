@@ -1,0 +1,151 @@
+"""``loraplex`` command line: ``train``, ``eval``, ``params``, ``export``, ``report``.
+
+Every command that reads a config accepts ``--set section.key=value`` overrides.  Errors a user can
+fix (bad config keys, missing data, wrong adapter files) print one clear line and exit with status 2.
+Multi-process training: ``torchrun --nproc_per_node=2 -m loraplex train CONFIG``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import ConfigError, load_config
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, help="YAML config (sections backbone, method, data, train, output)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config key (repeatable); the value is read as YAML",
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.runner import train
+
+    config = load_config(args.config, args.overrides)
+    results = train(config, progress=not args.no_progress)
+    if results:
+        print(_results_table(results))
+        print(f"run directory: {config.output.dir}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .train.runner import evaluate_run
+
+    metrics = evaluate_run(args.run_dir, which=args.which, split_name=args.split)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        for key, value in metrics.items():
+            print(f"{key:24s} {value:.4f}")
+    return 0
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    from .api import count_parameters
+    from .train.runner import build_model
+
+    config = load_config(args.config, args.overrides)
+    counts = count_parameters(build_model(config, load_weights=False))
+    if args.json:
+        print(json.dumps(counts))
+    else:
+        for key, value in counts.items():
+            print(f"{key:10s} {value:>14,d}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .api import export_peft
+    from .train.runner import load_run
+
+    _, model = load_run(args.run_dir, which=args.which)
+    out = args.out or Path(args.run_dir) / f"peft-{args.task}"
+    export_peft(model, out, task=args.task, include_head=args.include_head)
+    print(f"PEFT LoRA for task {args.task!r} written to {out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .eval.report import write_report
+
+    html, markdown = write_report([Path(d) for d in args.run_dirs], args.out)
+    print(f"report: {html}\nmarkdown: {markdown}")
+    return 0
+
+
+def _results_table(results: dict) -> str:
+    best, last = results["best"]["test"], results["last"]["test"]
+    lines = [f"{'test metric':24s} {'best-val':>9s} {'last':>9s}"]
+    lines += [f"{key:24s} {best[key]:9.4f} {last[key]:9.4f}" for key in best]
+    p = results["params"]
+    lines.append(f"trainable parameters: {p['trainable']:,} (adapter {p['adapter']:,}, head {p['head']:,})")
+    lines.append(f"train time: {results['train_seconds']:.1f} s for {results['steps']} steps")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraplex", description="Structured multi-LoRA fine-tuning of ViTs.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train (or resume) a run described by a config")
+    _add_config(train)
+    train.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate a finished run")
+    evaluate.add_argument("run_dir", type=Path)
+    evaluate.add_argument("--which", choices=["best", "final"], default="best", help="which adapters to load")
+    evaluate.add_argument("--split", choices=["val", "test"], default="test")
+    evaluate.add_argument("--json", action="store_true", help="print JSON")
+    evaluate.set_defaults(func=cmd_eval)
+
+    params = commands.add_parser("params", help="parameter counts of a config, without data or training")
+    _add_config(params)
+    params.add_argument("--json", action="store_true", help="print JSON")
+    params.set_defaults(func=cmd_params)
+
+    export = commands.add_parser("export", help="export a run's adapters for one task")
+    export.add_argument("run_dir", type=Path)
+    export.add_argument("--task", required=True, help="the task (domain) whose LoRA to export")
+    export.add_argument("--format", choices=["peft"], default="peft")
+    export.add_argument("--which", choices=["best", "final"], default="best")
+    export.add_argument("--include-head", action="store_true", help="also write the task head as the classifier")
+    export.add_argument("--out", type=Path, default=None, help="output directory (default RUN_DIR/peft-TASK)")
+    export.set_defaults(func=cmd_export)
+
+    report = commands.add_parser("report", help="HTML + Markdown report over one or more runs")
+    report.add_argument("run_dirs", nargs="+", type=Path)
+    report.add_argument("--out", type=Path, default=Path("report"), help="output directory")
+    report.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .api import AdapterFileError
+    from .data import SourceMissingError
+    from .models import BackboneError
+    from .train import TrainingDiverged
+
+    try:
+        return args.func(args)
+    except (ConfigError, AdapterFileError, SourceMissingError, BackboneError) as err:
+        print(f"loraplex {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as err:
+        print(f"loraplex {args.command}: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""Run configuration: YAML with sections ``backbone``, ``method``, ``data``, ``train``, ``output``.
+
+Every section is a dataclass whose type hints are the schema: an unknown key, a value of the wrong
+type or an impossible value is a :class:`ConfigError` naming the dotted key.  The ``method`` section is
+``name`` plus that method's own config fields (checked by the method registry).  Any key can be
+overridden from the command line as ``--set section.key=value`` (the value is read as YAML, so
+``--set train.steps=200`` is an int and ``--set method.rank=[4,8]`` a list).  Only ``yaml.safe_load``
+is ever used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .methods import get_method
+
+
+class ConfigError(ValueError):
+    """A configuration key that is unknown, of the wrong type, or impossible."""
+
+
+@dataclass
+class BackboneSection:
+    """``name``: a zoo entry (``vit_fractal_tiny``), a timm architecture, or a local checkpoint path."""
+
+    name: str = "vit_tiny_patch16_224"
+    checkpoint: str | None = None  # local timm checkpoint file (safetensors, or a weights-only .pth)
+    pretrained: bool = False  # timm's network weights: needs a network, refused offline
+    img_size: int = 32
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
+
+    def check(self) -> None:
+        _positive("backbone.img_size", self.img_size)
+
+
+@dataclass
+class DataSection:
+    domains: list[str] = field(default_factory=lambda: ["fashion", "mnist", "digits"])
+    roots: dict[str, str] = field(default_factory=dict)  # per-source directory overrides
+    train_per_domain: int | None = 1000  # None: every training image
+    val_per_domain: int | float = 0.1  # a count, or a fraction of the training pool
+    test_per_domain: int | None = None  # None: the whole test split
+    sampling: Literal["proportional", "uniform", "temperature"] = "proportional"
+    temperature: float = 2.0
+    seed: int = 0
+
+    def check(self) -> None:
+        if not self.domains:
+            raise ConfigError("data.domains must name at least one source")
+        if len(set(self.domains)) != len(self.domains):
+            raise ConfigError(f"data.domains has duplicates: {self.domains}")
+        if self.train_per_domain is not None:
+            _positive("data.train_per_domain", self.train_per_domain)
+        if isinstance(self.val_per_domain, float) and not 0.0 < self.val_per_domain < 1.0:
+            raise ConfigError(f"data.val_per_domain as a fraction must lie in (0, 1), got {self.val_per_domain}")
+        if isinstance(self.val_per_domain, int):
+            _positive("data.val_per_domain", self.val_per_domain)
+        if self.test_per_domain is not None:
+            _positive("data.test_per_domain", self.test_per_domain)
+        _positive("data.temperature", self.temperature)
+
+
+@dataclass
+class TrainSection:
+    regime: Literal["multidomain"] = "multidomain"
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 1e-3
+    head_lr: float | None = None  # None: same as lr
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    clip_grad: float | None = 1.0
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    eval_batch_size: int = 256
+    seed: int = 0
+    threads: int | None = None  # torch intra-op threads; None leaves torch's default
+
+    def check(self) -> None:
+        for key in ("steps", "batch_size", "eval_every", "checkpoint_every", "eval_batch_size"):
+            _positive(f"train.{key}", getattr(self, key))
+        _positive("train.lr", self.lr)
+        if self.head_lr is not None:
+            _positive("train.head_lr", self.head_lr)
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay must be ≥ 0, got {self.weight_decay}")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ConfigError(f"train.warmup_steps must lie in [0, train.steps={self.steps}), got {self.warmup_steps}")
+        if self.clip_grad is not None:
+            _positive("train.clip_grad", self.clip_grad)
+        if self.threads is not None:
+            _positive("train.threads", self.threads)
+
+
+@dataclass
+class OutputSection:
+    dir: str = "runs/run"
+    tensorboard: bool = True
+
+
+@dataclass
+class RunConfig:
+    backbone: BackboneSection = field(default_factory=BackboneSection)
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "lora"})
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    output: OutputSection = field(default_factory=OutputSection)
+
+    @property
+    def method_name(self) -> str:
+        return self.method["name"]
+
+    def method_kwargs(self) -> dict[str, Any]:
+        """The method's own hyper-parameters (resolved: every default filled in, ``tasks`` = domains)."""
+        return {k: v for k, v in self.method.items() if k != "name"}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+def _type_name(annotation: Any) -> str:
+    """Readable type names for error messages: ``one of ['a', 'b']``, ``int or null``, ``list[str]``."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return f"one of {list(args)}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if annotation is type(None):
+        return "null"
+    if origin is not None:
+        return str(annotation).replace("typing.", "")
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    """Whether a YAML value fits a type hint (int accepted where float is asked; bool is not an int)."""
+    if annotation is Any:
+        return True
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is Literal:
+        return value in args
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_matches(v, args[1]) for v in value.values())
+    return isinstance(value, annotation)
+
+
+def _coerce(value: Any, annotation: Any) -> Any:
+    """YAML reads ``1e-3`` as a string and ``2`` as an int: give float fields a float."""
+    if isinstance(value, str) and _matches(1.0, annotation) and not _matches(value, annotation):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if isinstance(value, int) and not isinstance(value, bool) and annotation is float:
+        return float(value)
+    return value
+
+
+def build_section(cls: type, data: Any, prefix: str) -> Any:
+    """Instantiate a section dataclass from a mapping, naming any bad key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {[f'{prefix}.{k}' for k in unknown]}; known: {sorted(known)}")
+    values = {}
+    for key, value in data.items():
+        value = _coerce(value, hints[key])
+        if not _matches(value, hints[key]):
+            raise ConfigError(
+                f"{prefix}.{key} must be {_type_name(hints[key])}, got {value!r} ({type(value).__name__})"
+            )
+        values[key] = value
+    section = cls(**values)
+    if hasattr(section, "check"):
+        section.check()
+    return section
+
+
+def check_method(method: Any, domains: list[str]) -> dict[str, Any]:
+    """Validate the ``method`` section through the registry: unknown method or key, wrong types."""
+    if not isinstance(method, dict) or "name" not in method:
+        raise ConfigError("method must be a mapping with a 'name' (e.g. {name: lora, rank: 8})")
+    try:
+        registered = get_method(method["name"])
+    except ValueError as err:
+        raise ConfigError(f"method.name: {err}") from err
+    hints = typing.get_type_hints(registered.config_cls)
+    kwargs = {k: v for k, v in method.items() if k != "name"}
+    for key, value in kwargs.items():
+        if key not in hints:
+            raise ConfigError(
+                f"unknown key 'method.{key}' for method {method['name']!r}; known: {sorted(set(hints) - {'tasks'})}"
+            )
+        kwargs[key] = value = _coerce(value, hints[key])
+        if not _matches(value, hints[key]):
+            raise ConfigError(f"method.{key} must be {_type_name(hints[key])}, got {value!r}")
+    kwargs.setdefault("tasks", list(domains))
+    if kwargs["tasks"] != list(domains):
+        raise ConfigError(f"method.tasks {kwargs['tasks']} must equal data.domains {list(domains)} (one head each)")
+    try:
+        resolved = registered.config_cls(**kwargs)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"method: {err}") from err
+    return {"name": method["name"], **resolved.to_dict()}
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``section.key=value`` → (``["section", "key"]``, YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects section.key=value, got {text!r}")
+    dotted, raw = text.split("=", 1)
+    path = dotted.strip().split(".")
+    if len(path) < 2 or path[0] not in SECTIONS:
+        raise ConfigError(f"--set {dotted}: the key must start with one of {sorted(SECTIONS)} and name a key in it")
+    return path, yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {'.'.join(path)}: {part} is not a mapping")
+        node[path[-1]] = value
+    return raw
+
+
+def from_dict(raw: dict[str, Any]) -> RunConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError("a config file must hold a mapping with sections " + ", ".join(SECTIONS))
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown section(s) {unknown}; known: {list(SECTIONS)}")
+    sections = {
+        name: build_section(typing.get_type_hints(RunConfig)[name], raw.get(name), name)
+        for name in SECTIONS
+        if name != "method"
+    }
+    data = sections["data"]
+    method = check_method(raw.get("method", {"name": "lora"}), data.domains)
+    return RunConfig(method=method, **sections)
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config (safe loader only), apply ``--set`` overrides, validate every key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    return from_dict(apply_overrides(raw, list(overrides)))
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,0 +1,173 @@
+"""Multi-domain batches: a seeded, resumable, rank-sharded stream of mixed-domain uint8 batches, plus the one
+conversion from uint8 images to normalised model input.
+
+Images stay uint8 at their native size until `to_tensor_batch`, so a 70k-image domain costs megabytes, not
+gigabytes, whatever resolution the backbone wants.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+Sampling = Literal["proportional", "uniform", "temperature"]
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights for RGB -> grey
+
+
+def to_tensor_batch(images_uint8: torch.Tensor, size: int, channels: int = 3) -> torch.Tensor:
+    """uint8 `[B, H, W]` or `[B, H, W, C]` -> float `[B, channels, size, size]`, bilinear (antialiased) resize,
+    normalised with mean 0.5 / std 0.5; grey is repeated to 3 channels, RGB reduced to luma for 1."""
+    x = images_uint8 if images_uint8.dim() == 4 else images_uint8.unsqueeze(-1)
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    if tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    if x.shape[1] == 1 and channels == 3:
+        x = x.expand(-1, 3, -1, -1)
+    elif x.shape[1] == 3 and channels == 1:
+        x = (x * x.new_tensor(_LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    elif x.shape[1] != channels:
+        raise ValueError(f"cannot turn {x.shape[1]}-channel images into {channels} channels")
+    return (x - 0.5) / 0.5
+
+
+@dataclass
+class DomainData:
+    """One domain of a multi-domain run: CPU uint8 images (`[N, H, W]` or `[N, H, W, 3]`), int64 labels."""
+
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor
+    num_classes: int
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def resized(self, size: int, channels: int | None = None) -> DomainData:
+        """The same domain at `size`×`size` uint8 (`channels` 1 or 3, default unchanged), so domains of different
+        native sizes can share one stream."""
+        channels = channels or (3 if self.images.dim() == 4 else 1)
+        chunks = []
+        for start in range(0, len(self), 4096):
+            x = to_tensor_batch(self.images[start : start + 4096], size, channels)
+            x = (x * 127.5 + 127.5).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+            chunks.append(x.squeeze(-1) if channels == 1 else x)
+        return DomainData(self.name, torch.cat(chunks), self.labels, self.num_classes)
+
+
+def eval_batches(domain: DomainData, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) batches of `domain` in order, every image exactly once."""
+    for start in range(0, len(domain), batch_size):
+        yield domain.images[start : start + batch_size], domain.labels[start : start + batch_size]
+
+
+def _probabilities(sizes: list[int], sampling: Sampling, temperature: float) -> np.ndarray:
+    n = np.asarray(sizes, dtype=np.float64)
+    if sampling == "proportional":
+        weights = n
+    elif sampling == "uniform":
+        weights = np.ones_like(n)
+    elif sampling == "temperature":
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        weights = n ** (1.0 / temperature)
+    else:
+        raise ValueError(f"unknown sampling {sampling!r}; use 'proportional', 'uniform' or 'temperature'")
+    return weights / weights.sum()
+
+
+class MultiDomainStream:
+    """Endless mixed-domain batches, identical for any number of ranks.
+
+    Step k's global batch picks a domain per position with a generator seeded by (seed, k), then takes each
+    domain's next images from a per-domain epoch permutation (seeded by (seed, domain, epoch)), so every
+    training image is seen once per domain epoch. The state is the step plus one cursor and epoch per domain:
+    plain ints, so a resumed run draws exactly the batches an uninterrupted one would. Every rank advances the
+    full global state and keeps global positions rank, rank + world_size, ...
+    """
+
+    def __init__(
+        self,
+        domains: list[DomainData],
+        *,
+        batch_size: int,
+        sampling: Sampling = "proportional",
+        temperature: float = 2.0,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if not domains or any(len(d) == 0 for d in domains):
+            raise ValueError("MultiDomainStream needs at least one domain and no empty domains")
+        shapes = {d.name: tuple(d.images.shape[1:]) for d in domains}
+        if len(set(shapes.values())) > 1:
+            raise ValueError(f"domains have different image shapes {shapes}; bring them to one with DomainData.resized")
+        if batch_size % world_size or not 0 <= rank < world_size:
+            raise ValueError(f"need batch_size ({batch_size}) divisible by world_size ({world_size}), 0 <= rank < it")
+        self.domains = domains
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.sizes = [len(d) for d in domains]
+        self.probabilities = _probabilities(self.sizes, sampling, temperature)
+        self._config = {"seed": seed, "batch_size": batch_size, "sampling": sampling, "temperature": temperature}
+        self.step = 0
+        self.cursor = [0] * len(domains)
+        self.epoch = [0] * len(domains)
+        self._perms = [self._permutation(d, 0) for d in range(len(domains))]
+
+    def _permutation(self, domain: int, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, 1, domain, epoch]).permutation(self.sizes[domain])
+
+    def _draw(self, domain: int, k: int) -> np.ndarray:
+        """The next `k` indices of `domain` without replacement, starting a new epoch permutation when one ends."""
+        out = []
+        while k > 0:
+            if self.cursor[domain] == self.sizes[domain]:
+                self.epoch[domain] += 1
+                self.cursor[domain] = 0
+                self._perms[domain] = self._permutation(domain, self.epoch[domain])
+            start = self.cursor[domain]
+            take = min(k, self.sizes[domain] - start)
+            out.append(self._perms[domain][start : start + take])
+            self.cursor[domain] += take
+            k -= take
+        return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's shard of the next global batch: (uint8 images, int64 labels, int64 domain ids)."""
+        rng = np.random.default_rng([self.seed, 0, self.step, 0])
+        domain_ids = rng.choice(len(self.domains), size=self.batch_size, p=self.probabilities)
+        index = np.empty(self.batch_size, dtype=np.int64)
+        for d in range(len(self.domains)):
+            where = domain_ids == d
+            index[where] = self._draw(d, int(where.sum()))
+        self.step += 1
+        ids = torch.from_numpy(domain_ids[self.rank :: self.world_size].astype(np.int64))
+        idx = torch.from_numpy(index[self.rank :: self.world_size])
+        images = torch.empty((len(ids), *self.domains[0].images.shape[1:]), dtype=torch.uint8)
+        labels = torch.empty(len(ids), dtype=torch.int64)
+        for d, domain in enumerate(self.domains):  # index_select/index_copy_: far faster than advanced indexing
+            positions = torch.nonzero(ids == d).squeeze(1)
+            rows = idx.index_select(0, positions)
+            images.index_copy_(0, positions, domain.images.index_select(0, rows))
+            labels.index_copy_(0, positions, domain.labels.index_select(0, rows))
+        return images, labels, ids
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable position of the stream (the same on every rank)."""
+        position = {"step": self.step, "cursor": list(self.cursor), "epoch": list(self.epoch)}
+        return {**self._config, "sizes": list(self.sizes), **position}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from `state_dict()`; refuses a state from a differently configured stream."""
+        mine = {**self._config, "sizes": self.sizes}
+        theirs = {key: state[key] for key in mine}
+        if theirs != mine:
+            raise ValueError(f"stream state is for {theirs}, this stream is {mine}")
+        self.step = int(state["step"])
+        self.cursor = [int(c) for c in state["cursor"]]
+        self.epoch = [int(e) for e in state["epoch"]]
+        self._perms = [self._permutation(d, e) for d, e in enumerate(self.epoch)]

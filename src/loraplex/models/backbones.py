@@ -1,0 +1,112 @@
+"""Backbones by name: the offline zoo, any timm architecture, or a local timm checkpoint file.
+
+Nothing here downloads unless the config says ``pretrained: true``; offline, that request fails with
+a message pointing at the zoo and at ``backbone.checkpoint``.  Checkpoints are read with safetensors
+or ``torch.load(weights_only=True)`` only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import timm
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from ..config import BackboneSection, ConfigError
+
+ZOO_DIR = Path(__file__).resolve().parents[3] / "zoo"
+
+
+class BackboneError(ValueError):
+    """A backbone that cannot be built: unknown name, unreadable or mismatched checkpoint, no network."""
+
+
+def zoo_entries() -> dict[str, dict]:
+    """``{name: recipe}`` for every committed zoo backbone (``zoo/<name>.json`` beside its weights)."""
+    if not ZOO_DIR.is_dir():
+        return {}
+    return {p.stem: json.loads(p.read_text()) for p in sorted(ZOO_DIR.glob("*.json"))}
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file or a weights-only PyTorch file (a ``state_dict``/``model`` entry)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneError(f"backbone checkpoint {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, OSError, ValueError) as err:
+        raise BackboneError(f"backbone checkpoint {path} is corrupted or not a tensor file: {err}") from err
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BackboneError(f"backbone checkpoint {path} holds no state dict of tensors")
+    return state
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Load backbone weights, ignoring classifier keys; any other mismatch is an error naming keys."""
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "head")
+    state = {k: v for k, v in state.items() if not k.startswith(classifier + ".")}
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(classifier + ".")}
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        raise BackboneError(
+            f"{where} is a checkpoint for another backbone than {type(model).__name__}: "
+            f"missing {missing[:4]}, unexpected {unexpected[:4]}, wrong shapes {wrong[:4]}"
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def create_backbone(section: BackboneSection, *, load: bool = True) -> nn.Module:
+    """Build the backbone a config names, features-only (``num_classes=0``), in eval mode.
+
+    ``load=False`` builds the architecture without reading or downloading weights (parameter
+    accounting needs only shapes)."""
+    zoo = zoo_entries()
+    kwargs = dict(section.kwargs)
+    if section.name in zoo:
+        recipe = zoo[section.name]
+        model = timm.create_model(recipe["architecture"], pretrained=False, num_classes=0, **recipe["kwargs"])
+        if load:
+            weights = ZOO_DIR / recipe["file"]
+            if sha256_of(weights) != recipe["sha256"]:
+                raise BackboneError(f"zoo file {weights} does not match its recorded sha256: re-checkout it")
+            load_weights(model, load_file(weights), str(weights))
+        return model.eval()
+    if section.name not in timm.list_models():
+        raise ConfigError(
+            f"backbone.name {section.name!r} is neither a zoo backbone ({sorted(zoo) or 'none committed'}) "
+            "nor a timm architecture"
+        )
+    kwargs.setdefault("img_size", section.img_size)
+    if section.pretrained and load:
+        try:
+            model = timm.create_model(section.name, pretrained=True, num_classes=0, **kwargs)
+        except Exception as err:  # timm raises many kinds when the hub is unreachable
+            raise BackboneError(
+                f"could not fetch pre-trained weights for {section.name} ({type(err).__name__}: {err}). "
+                "Offline, use a zoo backbone or point backbone.checkpoint at a local timm checkpoint file."
+            ) from err
+        return model.eval()
+    model = timm.create_model(section.name, pretrained=False, num_classes=0, **kwargs)
+    if section.checkpoint and load:
+        load_weights(model, read_checkpoint(section.checkpoint), section.checkpoint)
+    return model.eval()

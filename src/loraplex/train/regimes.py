@@ -1,0 +1,94 @@
+"""Training regimes: what the one loop trains on, and how it scores.
+
+``multidomain``: every sample belongs to one domain (task) with its own head; batches mix domains and
+run as one forward with per-sample task ids.  The loss is the mean cross-entropy over the batch's
+samples (every sample weighs the same), so that the gradient of a batch sharded over ranks and
+averaged by DDP equals the gradient of the whole batch in one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..core.model import AdaptedModel
+from ..data import DomainData, MultiDomainStream, eval_batches, to_tensor_batch
+
+
+@dataclass
+class MultiDomainBatch:
+    images: torch.Tensor
+    labels: torch.Tensor
+    domains: torch.Tensor
+
+
+class MultiDomainRegime:
+    """Mixed batches from a :class:`MultiDomainStream`; per-domain accuracy on val/test."""
+
+    selection_metric = "acc/mean"
+
+    def __init__(
+        self,
+        splits: dict[str, list[DomainData]],
+        *,
+        img_size: int,
+        batch_size: int,
+        eval_batch_size: int,
+        sampling: str,
+        temperature: float,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
+        if batch_size % world:
+            raise ValueError(f"train.batch_size={batch_size} must be divisible by the {world} processes")
+        self.splits = splits
+        self.img_size = img_size
+        self.eval_batch_size = eval_batch_size
+        self.stream = MultiDomainStream(
+            splits["train"],
+            batch_size=batch_size,
+            sampling=sampling,
+            temperature=temperature,
+            seed=seed,
+            rank=rank,
+            world_size=world,
+        )
+
+    def next_batch(self) -> MultiDomainBatch:
+        images, labels, domains = self.stream.next_batch()
+        return MultiDomainBatch(to_tensor_batch(images, self.img_size), labels, domains)
+
+    def batch_images(self, batch: MultiDomainBatch) -> int:
+        return int(batch.labels.shape[0])
+
+    def loss(self, model: nn.Module, batch: MultiDomainBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        out = model(batch.images, task=batch.domains)
+        total = sum(F.cross_entropy(out.logits[t], batch.labels[out.index[t]], reduction="sum") for t in out.logits)
+        correct = sum(int((out.logits[t].argmax(1) == batch.labels[out.index[t]]).sum()) for t in out.logits)
+        n = batch.labels.shape[0]
+        return total / n, {"acc": correct / n}
+
+    def evaluate(self, model: AdaptedModel, split: str) -> dict[str, float]:
+        """Accuracy per domain (each domain through its own head) and their unweighted mean."""
+        metrics = {}
+        for domain in self.splits[split]:
+            correct = 0
+            # homogeneous batches: fold the domain's deltas into W and run at backbone speed
+            with model.merged(task=domain.name) if model.mergeable else contextlib.nullcontext():
+                for images, labels in eval_batches(domain, self.eval_batch_size):
+                    logits = model(to_tensor_batch(images, self.img_size), task=domain.name)
+                    correct += int((logits.argmax(1) == labels).sum())
+            metrics[f"acc/{domain.name}"] = correct / len(domain.labels)
+        metrics["acc/mean"] = sum(metrics.values()) / len(metrics)
+        return metrics
+
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)

@@ -1,0 +1,115 @@
+"""From a :class:`~loraplex.config.RunConfig` to a trained run directory, and back for evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .. import api
+from ..config import ConfigError, RunConfig, dump_config, from_dict
+from ..core.model import AdaptedModel
+from ..data import DomainData, load_source, num_classes, split
+from ..methods import make_config
+from ..models import create_backbone
+from .dist import Dist, init_from_env, shutdown
+from .loop import fit
+from .regimes import MultiDomainRegime
+
+CONFIG_FILE = "config.yaml"
+
+
+def build_model(config: RunConfig, *, load_weights: bool = True) -> AdaptedModel:
+    """Backbone + method + one head per domain, as the config says (no data needed)."""
+    backbone = create_backbone(config.backbone, load=load_weights)
+    method = make_config(config.method_name, **config.method_kwargs())
+    heads = {d: num_classes(d) for d in config.data.domains}
+    return api.wrap(backbone, method, heads=heads)
+
+
+def domain_splits(config: RunConfig) -> dict[str, list[DomainData]]:
+    """Deterministic stratified train/val/test per domain (validation carved from training data), resized
+    once to the backbone's input size so that domains of different native sizes share mixed batches."""
+    data = config.data
+    splits: dict[str, list[DomainData]] = {"train": [], "val": [], "test": []}
+    for name in data.domains:
+        source = load_source(name, root=data.roots.get(name))
+        parts = split(
+            source, seed=data.seed, train=data.train_per_domain, val=data.val_per_domain, test=data.test_per_domain
+        )
+        for key in splits:
+            index = getattr(parts, key)
+            domain = DomainData(name, source.images[index], source.labels[index], len(source.classes))
+            splits[key].append(domain.resized(config.backbone.img_size))
+    return splits
+
+
+def build_regime(config: RunConfig, dist: Dist) -> MultiDomainRegime:
+    return MultiDomainRegime(
+        domain_splits(config),
+        img_size=config.backbone.img_size,
+        batch_size=config.train.batch_size,
+        eval_batch_size=config.train.eval_batch_size,
+        sampling=config.data.sampling,
+        temperature=config.data.temperature,
+        seed=config.data.seed + config.train.seed,
+        rank=dist.rank,
+        world=dist.world,
+    )
+
+
+def prepare_run_dir(config: RunConfig, dist: Dist) -> Path:
+    """Create the run directory, or check that an existing one holds this very config (resume)."""
+    run_dir = Path(config.output.dir)
+    text = dump_config(config)
+    saved = run_dir / CONFIG_FILE
+    if saved.exists():
+        if yaml.safe_load(saved.read_text()) != yaml.safe_load(text):
+            raise ConfigError(
+                f"{run_dir} already holds a run with a different config; resume with the same config "
+                "or choose another output.dir (e.g. --set output.dir=runs/new)"
+            )
+    elif dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        saved.write_text(text)
+    return run_dir
+
+
+def train(config: RunConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) the training a config describes; returns the results dict."""
+    dist = init_from_env()
+    try:
+        if config.train.threads:
+            torch.set_num_threads(config.train.threads)
+        torch.manual_seed(config.train.seed)  # adapter and head initialisation
+        model = build_model(config)
+        regime = build_regime(config, dist)
+        run_dir = prepare_run_dir(config, dist)
+        return fit(
+            model, regime, config.train, run_dir, dist=dist, tensorboard=config.output.tensorboard, progress=progress
+        )
+    finally:
+        shutdown(dist)
+
+
+def read_run_config(run_dir: str | Path) -> RunConfig:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory: {CONFIG_FILE} is missing")
+    return from_dict(yaml.safe_load(path.read_text()))
+
+
+def load_run(run_dir: str | Path, which: str = "best") -> tuple[RunConfig, AdaptedModel]:
+    """The model of a finished run with its ``best`` or ``final`` adapters (fingerprint-checked)."""
+    config = read_run_config(run_dir)
+    torch.manual_seed(config.train.seed)  # a random-init backbone is rebuilt bit-identical
+    return config, api.load(Path(run_dir) / which, create_backbone(config.backbone)).eval()
+
+
+def evaluate_run(run_dir: str | Path, which: str = "best", split_name: str = "test") -> dict[str, float]:
+    config, model = load_run(run_dir, which)
+    regime = build_regime(config, Dist())
+    with torch.inference_mode():
+        return regime.evaluate(model, split_name)

@@ -1,0 +1,235 @@
+"""The run layer: config validation, the training loop (selection, logs, resume after a real kill,
+non-finite loss), DDP equivalence, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from loraplex import cli
+from loraplex.config import ConfigError, from_dict, load_config
+from loraplex.train import TrainingDiverged, fit
+from loraplex.train.runner import build_model, build_regime, train
+
+TINY = {
+    "backbone": {
+        "name": "vit_tiny_patch16_224",
+        "img_size": 16,
+        "kwargs": {"patch_size": 4, "embed_dim": 48, "depth": 2, "num_heads": 3},
+    },
+    "method": {"name": "shared_specific", "rank": 2, "target_modules": ["attn.qkv", "mlp.fc1"]},
+    "data": {"domains": ["digits", "mnist"], "train_per_domain": 120, "val_per_domain": 40, "test_per_domain": 60},
+    "train": {"steps": 12, "batch_size": 16, "warmup_steps": 2, "eval_every": 4, "checkpoint_every": 4, "lr": 3e-3},
+    "output": {"tensorboard": False},
+}
+
+
+def tiny_config(tmp_path: Path, **sections) -> Path:
+    raw = json.loads(json.dumps(TINY))
+    for section, values in sections.items():
+        raw[section].update(values)
+    raw["output"].setdefault("dir", str(tmp_path / "run"))
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def adapters(run_dir: Path, which: str = "final") -> dict[str, torch.Tensor]:
+    return load_file(run_dir / which / "adapters.safetensors")
+
+
+# ---- config -------------------------------------------------------------------------------------
+def test_config_errors_name_the_key(tmp_path):
+    base = json.loads(json.dumps(TINY))
+    cases = [
+        ({"train": {"stesp": 3}}, r"unknown key\(s\) \['train.stesp'\]"),
+        ({"train": {"steps": "many"}}, r"train.steps must be int, got 'many'"),
+        ({"train": {"steps": 0}}, r"train.steps must be > 0"),
+        ({"train": {"warmup_steps": 50}}, r"train.warmup_steps must lie in \[0, train.steps=12\)"),
+        ({"data": {"sampling": "random"}}, r"data.sampling must be"),
+        ({"method": {"name": "nope"}}, r"method.name: unknown method 'nope'"),
+        ({"method": {"name": "lora", "rnk": 3}}, r"unknown key 'method.rnk' for method 'lora'"),
+        ({"method": {"name": "lora", "rank": "eight"}}, r"method.rank must be int, got 'eight'"),
+        ({"method": {"name": "lora", "rank": 0}}, r"method: config key 'rank' must be ≥ 1"),
+        ({"extra": {}}, r"unknown section\(s\) \['extra'\]"),
+    ]
+    for change, message in cases:
+        raw = json.loads(json.dumps(base))
+        for section, values in change.items():
+            raw[section] = values if section in ("method", "extra") else {**raw[section], **values}
+        with pytest.raises(ConfigError, match=message):
+            from_dict(raw)
+
+
+def test_overrides_are_typed_and_the_resolved_config_is_complete(tmp_path):
+    path = tiny_config(tmp_path)
+    config = load_config(path, ["train.steps=7", "train.lr=1e-2", "method.rank=3", "data.domains=[digits]"])
+    assert config.train.steps == 7 and config.train.lr == 0.01 and isinstance(config.train.lr, float)
+    assert config.method["rank"] == 3 and config.method["tasks"] == ["digits"]
+    assert config.method["domain_rank"] is None  # every method default is filled in
+    with pytest.raises(ConfigError, match=r"--set expects section\.key=value"):
+        load_config(path, ["train.steps"])
+    with pytest.raises(ConfigError, match="must start with one of"):
+        load_config(path, ["steps=3"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("train: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+
+
+# ---- loop ---------------------------------------------------------------------------------------
+def test_training_writes_logs_selection_and_results(tmp_path):
+    config = load_config(tiny_config(tmp_path))
+    results = train(config, progress=False)
+    run = Path(config.output.dir)
+    assert {"config.yaml", "metrics.jsonl", "checkpoint.pt", "results.json", "best", "final"} <= {
+        p.name for p in run.iterdir()
+    }
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, 13))
+    val = [r for r in records if r["split"] == "val"]
+    assert [r["step"] for r in val] == [4, 8, 12]
+    best = max(val, key=lambda r: r["acc/mean"])
+    assert results["best_step"] == best["step"]
+    assert results["best"]["val"]["acc/mean"] == pytest.approx(best["acc/mean"])
+    assert results["last"]["val"]["acc/mean"] == pytest.approx(val[-1]["acc/mean"])
+    assert set(results["best"]["test"]) == {"acc/digits", "acc/mnist", "acc/mean"}
+    lr = [r["lr"] for r in records if r["split"] == "train"]
+    assert lr[1] == pytest.approx(3e-3) and lr[-1] == pytest.approx(0.0, abs=1e-12)  # warm-up, then cosine to 0
+    assert json.loads((run / "results.json").read_text()) == json.loads(json.dumps(results))
+    assert results["params"]["trainable"] == results["params"]["adapter"] + results["params"]["head"]
+
+
+def _kill_after_checkpoint(cmd: list[str], run: Path, step: int) -> None:
+    """Start a real training process and SIGKILL it as soon as a checkpoint past ``step`` exists."""
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while process.poll() is None and time.monotonic() < deadline:
+        ckpt = run / "checkpoint.pt"
+        if ckpt.exists() and torch.load(ckpt, weights_only=True)["loop"]["step"] >= step:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
+def test_a_killed_run_resumes_to_the_same_adapters(tmp_path):
+    slow = {"steps": 40, "checkpoint_every": 5, "eval_every": 10, "threads": 1}
+    straight = load_config(tiny_config(tmp_path / "a", train=slow))
+    train(straight, progress=False)
+
+    path = tiny_config(tmp_path / "b", train=slow)
+    run = tmp_path / "b" / "run"
+    cmd = [sys.executable, "-m", "loraplex", "train", str(path), "--no-progress"]
+    _kill_after_checkpoint(cmd, run, step=10)
+    assert not (run / "results.json").exists()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    a, b = adapters(Path(straight.output.dir)), adapters(run)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps)  # lines the killed process wrote past its checkpoint were dropped
+    assert len([s for s in steps if s == 40]) == 2  # one train, one val record at the end
+
+
+def test_a_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path):
+    config = load_config(tiny_config(tmp_path))
+    model, regime = build_model(config), build_regime(config, dist=_single())
+    real_loss = regime.loss
+    calls = {"n": 0}
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        loss, metrics = real_loss(model, batch)
+        return (loss * math.nan if calls["n"] == 7 else loss), metrics
+
+    regime.loss = poisoned
+    run = Path(config.output.dir)
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 7.*checkpoint: step 4"):
+        fit(model, regime, config.train, run, tensorboard=False, progress=False)
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["loop"]["step"] == 4
+
+
+def test_resuming_into_a_run_dir_with_another_config_is_refused(tmp_path):
+    train(load_config(tiny_config(tmp_path)), progress=False)
+    with pytest.raises(ConfigError, match="different config"):
+        train(load_config(tiny_config(tmp_path), ["train.lr=0.5"]), progress=False)
+
+
+def _single():
+    from loraplex.train.dist import Dist
+
+    return Dist()
+
+
+# ---- DDP ----------------------------------------------------------------------------------------
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
+    settings = {"steps": 6, "eval_every": 6, "checkpoint_every": 6, "threads": 1}
+    one = load_config(tiny_config(tmp_path / "one", train=settings))
+    train(one, progress=False)
+    path = tiny_config(tmp_path / "two", train=settings)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+        "-m", "loraplex", "train", str(path), "--no-progress",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = adapters(Path(one.output.dir)), adapters(tmp_path / "two" / "run")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)
+    results = json.loads((tmp_path / "two" / "run" / "results.json").read_text())
+    assert results["steps"] == 6
+
+
+# ---- CLI ----------------------------------------------------------------------------------------
+def test_every_command_has_help(capsys):
+    for command in ("train", "eval", "params", "export", "report"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: loraplex " + command in capsys.readouterr().out
+
+
+def test_cli_params_eval_export_and_errors(tmp_path, capsys):
+    path = tiny_config(tmp_path)
+    assert cli.main(["params", str(path), "--json"]) == 0
+    counts = json.loads(capsys.readouterr().out)
+    assert set(counts) == {"adapter", "head", "trainable", "frozen", "total"}
+    d, r, depth = 48, 2, 2
+    per_layer = lambda out: (1 + 2) * r * (d + out)  # noqa: E731 — shared + 2 domains, A r×d, B out×r
+    assert counts["adapter"] == depth * (per_layer(3 * d) + per_layer(4 * d))
+    assert counts["head"] == 2 * (d + 1) * 10
+
+    assert cli.main(["train", str(path), "--no-progress", "--set", "train.steps=4", "--set", "train.eval_every=2",
+                     "--set", "train.checkpoint_every=2", "--set", "train.warmup_steps=1"]) == 0  # fmt: skip
+    assert "acc/mean" in capsys.readouterr().out
+    run = tmp_path / "run"
+    assert cli.main(["eval", str(run), "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    saved = json.loads((run / "results.json").read_text())["best"]["test"]
+    assert evaluated == pytest.approx(saved)
+    assert cli.main(["export", str(run), "--task", "mnist", "--out", str(tmp_path / "peft")]) == 0
+    assert (tmp_path / "peft" / "adapter_model.safetensors").exists()
+
+    assert cli.main(["params", str(path), "--set", "method.rank=many"]) == 2
+    assert "method.rank must be" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["eval", str(tmp_path / "empty")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
