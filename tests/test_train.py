@@ -227,6 +227,8 @@ def test_cli_params_eval_export_and_errors(tmp_path, capsys):
     assert evaluated == pytest.approx(saved)
     assert cli.main(["export", str(run), "--task", "mnist", "--out", str(tmp_path / "peft")]) == 0
     assert (tmp_path / "peft" / "adapter_model.safetensors").exists()
+    assert cli.main(["report", str(run), "--out", str(tmp_path / "report")]) == 0
+    assert f"{100 * saved['acc/mean']:.1f}" in (tmp_path / "report" / "report.md").read_text()
 
     assert cli.main(["params", str(path), "--set", "method.rank=many"]) == 2
     assert "method.rank must be" in capsys.readouterr().err

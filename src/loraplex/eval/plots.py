@@ -1,0 +1,141 @@
+"""Report figures: plain numbers in, PNG bytes out.
+
+Figures are built on ``matplotlib.figure.Figure`` (rendered by the Agg canvas), never through pyplot, so
+importing loraplex does not switch a user's backend (e.g. in a notebook) and no figure stays alive in
+pyplot's global registry after it is written.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from matplotlib.figure import Figure
+
+DPI = 100
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+LINESTYLES = ["-", "--", ":", "-."]
+LEGEND_FONTSIZE = 9
+MARKER_MAX_POINTS = 30  # sparse curves (validation) get markers so single evaluations stay visible
+
+
+@dataclass
+class Line:
+    """One run's curve; lines of one ``group`` share a colour so that seeds of a method read as one family."""
+
+    label: str
+    group: str
+    steps: list[float]
+    values: list[float]
+
+
+@dataclass
+class Panel:
+    title: str
+    ylabel: str
+    lines: list[Line]
+
+
+def palette(groups: list[str]) -> dict[str, str]:
+    """One colour per group, shared by every figure of a report so a method keeps its colour throughout."""
+    return {g: PALETTE[i % len(PALETTE)] for i, g in enumerate(groups)}
+
+
+def running_mean(values: list[float], window: int) -> list[float]:
+    """Trailing mean: per-step training losses of mixed batches are too noisy to compare runs by eye."""
+    if window <= 1:
+        return list(values)
+    sums = np.cumsum(np.insert(np.asarray(values, dtype=float), 0, 0.0))
+    idx = np.arange(1, len(values) + 1)
+    lo = np.maximum(idx - window, 0)
+    return list((sums[idx] - sums[lo]) / (idx - lo))
+
+
+def _text(s: str) -> str:
+    """Matplotlib reads ``$...$`` as mathtext and drops legend labels starting with ``_``: neutralise both."""
+    s = s.replace("$", r"\$")
+    return " " + s if s.startswith("_") else s
+
+
+def _legend(fig: Figure, handles: list, labels: list[str], width_inches: float) -> None:
+    """A legend below the axes with as many columns as fit the figure's width, so no label is cut off."""
+    chars = width_inches * 72 / (LEGEND_FONTSIZE * 0.62)  # average glyph width of DejaVu Sans ≈ 0.6 em
+    per_entry = max(len(label) for label in labels) + 6  # the line sample and the spacing
+    ncols = max(1, min(len(labels), int(chars // per_entry)))
+    fig.legend(handles, labels, loc="outside lower center", ncols=ncols, fontsize=LEGEND_FONTSIZE)
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    return buf.getvalue()
+
+
+def curves(panels: list[Panel], colors: dict[str, str], xlabel: str = "step") -> bytes:
+    """Side-by-side line panels with one shared legend below them (one entry per run)."""
+    width = 5.5 * len(panels)
+    fig = Figure(figsize=(width, 4.4), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    handles: dict[str, object] = {}
+    styles: dict[str, str] = {}
+    per_group: dict[str, int] = {}
+    for ax, panel in zip(axes, panels, strict=True):
+        for line in panel.lines:
+            if line.label not in styles:
+                k = per_group[line.group] = per_group.get(line.group, -1) + 1
+                styles[line.label] = LINESTYLES[k % len(LINESTYLES)]
+            marker = "o" if len(line.values) <= MARKER_MAX_POINTS else None
+            (handle,) = ax.plot(
+                line.steps,
+                line.values,
+                color=colors[line.group],
+                linestyle=styles[line.label],
+                marker=marker,
+                markersize=3.5,
+                linewidth=1.6,
+            )
+            handles.setdefault(line.label, handle)
+        ax.set_title(_text(panel.title), fontsize=11)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(_text(panel.ylabel))
+        ax.grid(alpha=0.3)
+    if handles:
+        _legend(fig, list(handles.values()), [_text(label) for label in handles], width)
+    return _png(fig)
+
+
+def grouped_bars(
+    categories: list[str],
+    series: list[tuple[str, list[float], list[float]]],
+    colors: dict[str, str],
+    ylabel: str,
+    ylim: tuple[float, float] | None = None,
+) -> bytes:
+    """One group of bars per category, one bar per series ``(label, heights, errors)``; NaN draws nothing."""
+    x = np.arange(len(categories))
+    width = 0.8 / max(len(series), 1)
+    width_inches = max(8.0, 1.1 + 0.45 * len(categories) * max(len(series), 2))
+    fig = Figure(figsize=(width_inches, 4.4), layout="constrained")
+    ax = fig.subplots()
+    bars = []
+    for i, (label, heights, errors) in enumerate(series):
+        bar = ax.bar(
+            x + (i - (len(series) - 1) / 2) * width,
+            heights,
+            width * 0.92,
+            yerr=None if all(math.isnan(e) for e in errors) else errors,
+            capsize=3,
+            color=colors[label],
+        )
+        bars.append(bar)
+    ax.set_xticks(x, [_text(c) for c in categories])
+    ax.set_ylabel(_text(ylabel))
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    if series:
+        _legend(fig, bars, [_text(label) for label, _, _ in series], width_inches)
+    return _png(fig)

@@ -1,0 +1,570 @@
+"""HTML and Markdown reports over run directories (the "Run directory" layout written by ``loraplex train``).
+
+A report is a list of :class:`Section` (paragraphs, notes, tables, figures) rendered twice: one HTML file
+that stands alone (figures as data URIs, inline CSS, no script: it can be mailed or attached to an issue)
+and Markdown with the figures as PNG files beside it (for BENCHMARKS.md and pull requests). Metrics are
+read from results.json by key, so a regime with other metrics (``miou/semseg``, an accuracy matrix) adds
+a section-building function to :func:`build_sections`; the loaders and renderers stay as they are.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import html
+import json
+import math
+import re
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import plots
+
+CONFIG, METRICS, RESULTS = "config.yaml", "metrics.jsonl", "results.json"
+SEED_KEYS = (("train", "seed"), ("data", "seed"))
+IGNORED_CONFIG = ("output",)  # where a run was written does not change what it measured
+PERCENT_PREFIXES = ("acc/", "miou/")  # fractions in [0, 1], shown as percentages
+REQUIRED_RESULTS = ("method", "params", "train_seconds", "steps", "best_step", "last", "best")
+CURVES = (("train", "loss"), ("val", "acc/mean"))
+SMOOTH_POINTS = 60  # a per-step train loss is averaged over len/SMOOTH_POINTS steps
+LABEL_KEYS = 3  # config differences named in a group's label; the rest are counted
+MISSING = "—"
+TITLE = "loraplex report"
+
+
+class NotARunDirError(ValueError):
+    """A path given as a run directory that is not one (no config.yaml): a wrong argument, not a bad run."""
+
+
+@dataclass
+class Run:
+    """One run directory as read from disk; ``notes`` say what is missing or damaged in it."""
+
+    path: Path
+    name: str
+    config: dict[str, Any]
+    history: list[dict[str, Any]]
+    results: dict[str, Any] | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def method(self) -> str:
+        if self.results is not None and isinstance(self.results.get("method"), str):
+            return self.results["method"]
+        name = _dig(self.config, "method", "name")
+        return str(name) if name is not None else "?"
+
+    @property
+    def seed(self) -> str:
+        train, data = _dig(self.config, "train", "seed"), _dig(self.config, "data", "seed")
+        return str(train) if data in (None, train) else f"{train} (data {data})"
+
+    @property
+    def setup(self) -> dict[str, Any]:
+        """The config minus seeds and output: runs with equal setups are repetitions of one experiment."""
+        cfg = copy.deepcopy(self.config)
+        for section in IGNORED_CONFIG:
+            cfg.pop(section, None)
+        for section, key in SEED_KEYS:
+            if isinstance(cfg.get(section), dict):
+                cfg[section].pop(key, None)
+        return cfg
+
+    def metrics(self, which: str, split: str = "test") -> dict[str, float]:
+        """Numeric metrics of ``results[which][split]`` (``which``: "best" or "last"); empty when absent."""
+        found = _dig(self.results or {}, which, split)
+        if not isinstance(found, dict):
+            return {}
+        return {k: float(v) for k, v in found.items() if _is_number(v)}
+
+    def number(self, *keys: str) -> float | None:
+        value = _dig(self.results or {}, *keys)
+        return float(value) if _is_number(value) else None
+
+
+@dataclass
+class Group:
+    """Runs sharing one setup: their spread over seeds is what ± reports."""
+
+    label: str
+    runs: list[Run]
+
+
+@dataclass
+class Column:
+    name: str
+    over: str = ""  # a spanning header above consecutive columns with the same ``over``
+    kind: str = "num"  # "num" (right-aligned), "text", or "path" (may break anywhere)
+
+
+@dataclass
+class Table:
+    columns: list[Column]
+    rows: list[list[str]]
+
+
+@dataclass
+class Notes:
+    items: list[str]
+
+
+@dataclass
+class Figure:
+    name: str  # file stem in figures/
+    png: bytes
+    caption: str
+
+
+Block = str | Notes | Table | Figure
+
+
+@dataclass
+class Section:
+    title: str
+    blocks: list[Block]
+
+
+def _dig(d: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return d
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_percent(key: str) -> bool:
+    return key.startswith(PERCENT_PREFIXES)
+
+
+def _fmt(key: str, value: float) -> str:
+    return f"{100 * value:.1f}" if _is_percent(key) else f"{value:.4g}"
+
+
+def _mean_std(key: str, values: list[float]) -> str:
+    """``mean ± std`` with the sample (n−1) std; one value is shown alone, none as a dash."""
+    if not values:
+        return MISSING
+    if len(values) == 1:
+        return _fmt(key, values[0])
+    return f"{_fmt(key, statistics.mean(values))} ± {_fmt(key, statistics.stdev(values))}"
+
+
+def _int(value: float | None) -> str:
+    return MISSING if value is None else f"{round(value):,}"
+
+
+def _seconds(values: list[float]) -> str:
+    if not values:
+        return MISSING
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def _run_names(paths: list[Path]) -> list[str]:
+    """Directory names, lengthened by parent folders only where two runs would otherwise share a name."""
+    parts = [p.parts for p in paths]
+    depth = [1] * len(paths)
+    while True:
+        names = ["/".join(pt[-d:]) for pt, d in zip(parts, depth, strict=True)]
+        counts = Counter(names)
+        clashing = [i for i, n in enumerate(names) if counts[n] > 1 and depth[i] < len(parts[i])]
+        if not clashing:
+            return names
+        for i in clashing:
+            depth[i] += 1
+
+
+def _read_history(path: Path, notes: list[str]) -> list[dict[str, Any]]:
+    """metrics.jsonl records; a line cut short by an interruption is skipped with a note, not fatal."""
+    if not path.is_file():
+        notes.append(f"no {METRICS}: no training curves")
+        return []
+    records, bad = [], []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and _is_number(record.get("step")) and isinstance(record.get("split"), str):
+            records.append(record)
+        else:
+            bad.append(i)
+    if bad:
+        notes.append(f"{METRICS}: skipped {len(bad)} malformed line(s) (line {', '.join(map(str, bad[:5]))})")
+    return records
+
+
+def _read_results(path: Path, history: list[dict[str, Any]], notes: list[str]) -> dict[str, Any] | None:
+    if not path.is_file():
+        last = max((r["step"] for r in history), default=None)
+        where = f"last logged step {last}" if last is not None else "nothing logged"
+        notes.append(f"no {RESULTS}: interrupted or still running ({where}); left out of the tables")
+        return None
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        notes.append(f"{RESULTS} is not valid JSON ({e}); left out of the tables")
+        return None
+    if not isinstance(results, dict):
+        notes.append(f"{RESULTS} is not a JSON object; left out of the tables")
+        return None
+    missing = [k for k in REQUIRED_RESULTS if k not in results]
+    if missing:
+        notes.append(f"{RESULTS} lacks {', '.join(missing)}: those cells are blank")
+    return results
+
+
+def load_run(path: Path, name: str | None = None) -> Run:
+    """Read a run directory; only a missing or unreadable config.yaml is an error (it is not a run then)."""
+    path = Path(path)
+    config_path = path / CONFIG
+    if not config_path.is_file():
+        why = f"no {CONFIG} in it" if path.is_dir() else "no such directory"
+        raise NotARunDirError(f"{path} is not a run directory ({why})")
+    try:
+        config = yaml.safe_load(config_path.read_text())
+    except yaml.YAMLError as e:
+        raise NotARunDirError(f"{path} is not a readable run directory: {CONFIG} is not valid YAML ({e})") from e
+    if not isinstance(config, dict):
+        raise NotARunDirError(f"{path} is not a readable run directory: {CONFIG} is not a mapping")
+    notes: list[str] = []
+    history = _read_history(path / METRICS, notes)
+    results = _read_results(path / RESULTS, history, notes)
+    return Run(path, name or path.name, config, history, results, notes)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, str]:
+    if not isinstance(d, dict):
+        return {prefix: d if isinstance(d, str) else json.dumps(d, default=str)}
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def group_runs(runs: list[Run]) -> list[Group]:
+    """Group runs by setup, in order of first appearance. A group is labelled by its method, plus the
+    config entries that tell it apart from other groups of the same method (e.g. ``method.rank=4``)."""
+    setups: dict[str, list[Run]] = {}
+    for run in runs:
+        setups.setdefault(json.dumps(run.setup, sort_keys=True, default=str), []).append(run)
+    members = list(setups.values())
+    flat = [_flatten(group[0].setup) for group in members]
+    labels = []
+    for i, group in enumerate(members):
+        rivals = [flat[j] for j, other in enumerate(members) if j != i and other[0].method == group[0].method]
+        keys = {k for r in rivals for k in set(r) | set(flat[i]) if r.get(k) != flat[i].get(k)}
+        # values set in every setup tell groups apart better than keys one older config lacks
+        keys = sorted(keys, key=lambda k: (not all(k in f for f in flat), k))
+        shown = ", ".join(f"{k}={flat[i].get(k, MISSING)}" for k in keys[:LABEL_KEYS])
+        shown += f", +{len(keys) - LABEL_KEYS} more" if len(keys) > LABEL_KEYS else ""
+        labels.append(f"{group[0].method} ({shown})" if shown else group[0].method)
+    return [Group(label, group) for label, group in zip(labels, members, strict=True)]
+
+
+def _metric_keys(runs: list[Run], which: str) -> list[str]:
+    """Test metric keys in first-seen order, with aggregate ``*/mean`` keys after the per-domain ones."""
+    keys = list(dict.fromkeys(k for run in runs for k in run.metrics(which)))
+    return sorted(keys, key=lambda k: k.endswith("/mean"))
+
+
+def _column_name(key: str) -> str:
+    return f"{key} (%)" if _is_percent(key) else key
+
+
+# ---- sections -------------------------------------------------------------------------------------------------
+
+
+def _runs_section(runs: list[Run]) -> Section:
+    rows = [
+        [
+            run.name,
+            run.method,
+            run.seed,
+            "complete" if run.results is not None else "incomplete",
+            str(run.path),
+        ]
+        for run in runs
+    ]
+    columns = [Column("run", kind="text"), Column("method", kind="text"), Column("seed", kind="text")]
+    columns += [Column("status", kind="text"), Column("path", kind="path")]
+    blocks: list[Block] = [
+        "Accuracies are percentages. “best” is the test score at the step with the best validation score "
+        "(results.json best_step); “last” is the test score at the final step. Runs whose config.yaml differs "
+        "only in train.seed, data.seed and output are repetitions of one setup: their rows give mean ± sample "
+        "standard deviation (n−1).",
+        Table(columns, rows),
+    ]
+    notes = [f"{run.name}: {note}" for run in runs for note in run.notes]
+    if notes:
+        blocks.append(Notes(notes))
+    return Section("Runs", blocks)
+
+
+def _metric_columns(best: list[str], last: list[str]) -> list[Column]:
+    """Metric columns under a spanning header; a prefix every key shares (``acc/``) moves up into it."""
+    columns = []
+    for keys, where in ((best, "best val"), (last, "last step")):
+        prefixes = {k.split("/", 1)[0] for k in keys if "/" in k}
+        shared = prefixes.pop() if len(prefixes) == 1 and all("/" in k for k in keys) else ""
+        over = f"test {shared} @ {where}" if shared else f"test @ {where}"
+        columns += [Column(k.removeprefix(f"{shared}/") if shared else k, over) for k in keys]
+    return columns
+
+
+def _summary_section(groups: list[Group], best: list[str], last: list[str]) -> Section:
+    columns = [Column("method (setup)", kind="text"), Column("n"), Column("seeds", kind="text")]
+    columns += [*_metric_columns(best, last), Column("trainable params"), Column("train s")]
+    rows = []
+    for g in groups:
+        row = [g.label, str(len(g.runs)), ", ".join(r.seed for r in g.runs)]
+        row += [_mean_std(k, [r.metrics("best")[k] for r in g.runs if k in r.metrics("best")]) for k in best]
+        row += [_mean_std(k, [r.metrics("last")[k] for r in g.runs if k in r.metrics("last")]) for k in last]
+        row.append(_distinct_ints([r.number("params", "trainable") for r in g.runs]))
+        row.append(_seconds([s for r in g.runs if (s := r.number("train_seconds")) is not None]))
+        rows.append(row)
+    return Section("Results: mean ± std over seeds", [Table(columns, rows)])
+
+
+def _per_run_section(groups: list[Group], best: list[str], last: list[str]) -> Section:
+    columns = [Column("run", kind="text"), Column("method", kind="text"), Column("seed", kind="text")]
+    columns += _metric_columns(best, last)
+    columns += [Column("best step"), Column("steps"), Column("trainable"), Column("adapter"), Column("train s")]
+    rows = []
+    for g in groups:
+        for r in g.runs:
+            b, la = r.metrics("best"), r.metrics("last")
+            row = [r.name, r.method, r.seed]
+            row += [_fmt(k, b[k]) if k in b else MISSING for k in best]
+            row += [_fmt(k, la[k]) if k in la else MISSING for k in last]
+            row += [_int(r.number("best_step")), _int(r.number("steps"))]
+            row += [_int(r.number("params", "trainable")), _int(r.number("params", "adapter"))]
+            s = r.number("train_seconds")
+            row.append(MISSING if s is None else f"{s:.1f}")
+            rows.append(row)
+    return Section("Results per run", [Table(columns, rows)])
+
+
+def _distinct_ints(values: list[float | None]) -> str:
+    """Seeds of one setup should have equal counts; if they do not, show every count rather than hide it."""
+    return " / ".join(dict.fromkeys(_int(v) for v in values)) or MISSING
+
+
+def _params_section(groups: list[Group]) -> Section:
+    keys = ("adapter", "head", "trainable", "frozen", "total")
+    columns = [Column("method (setup)", kind="text")] + [Column(k) for k in keys] + [Column("trainable / total")]
+    rows = []
+    for g in groups:
+        row = [g.label] + [_distinct_ints([r.number("params", k) for r in g.runs]) for k in keys]
+        trainable, total = g.runs[0].number("params", "trainable"), g.runs[0].number("params", "total")
+        row.append(f"{100 * trainable / total:.2f}%" if trainable is not None and total else MISSING)
+        rows.append(row)
+    return Section("Parameters", [Table(columns, rows)])
+
+
+def _curves_section(runs: list[Run], colors: dict[str, str], group_of: dict[int, str]) -> Section:
+    panels = []
+    for split, key in CURVES:
+        logged = {
+            id(run): [(r["step"], float(r[key])) for r in run.history if r["split"] == split and _is_number(r.get(key))]
+            for run in runs
+        }
+        window = max(map(len, logged.values())) // SMOOTH_POINTS if split == "train" else 1
+        lines = []
+        for run in runs:
+            if points := logged[id(run)]:
+                values = plots.running_mean([100 * v if _is_percent(key) else v for _, v in points], window)
+                lines.append(plots.Line(run.name, group_of[id(run)], [s for s, _ in points], values))
+        if lines:
+            smoothed = f" (running mean over {window} logged steps)" if window > 1 else ""
+            panels.append(plots.Panel(f"{split} {key}{smoothed}", _column_name(key), lines))
+    if not panels:
+        return Section("Training curves", [Notes([f"no run logged {' or '.join(k for _, k in CURVES)} in {METRICS}"])])
+    caption = "One line per run; runs of one setup share a colour and differ in line style."
+    return Section("Training curves", [Figure("training_curves", plots.curves(panels, colors), caption)])
+
+
+def _bars_section(groups: list[Group], colors: dict[str, str]) -> Section | None:
+    domains = [k for k in _metric_keys([r for g in groups for r in g.runs], "best") if k.startswith("acc/")]
+    domains = [k for k in domains if k != "acc/mean"]
+    if not domains:
+        return None
+    series = []
+    for g in groups:
+        heights, errors = [], []
+        for key in domains:
+            values = [100 * r.metrics("best")[key] for r in g.runs if key in r.metrics("best")]
+            heights.append(statistics.mean(values) if values else math.nan)
+            errors.append(statistics.stdev(values) if len(values) > 1 else math.nan)
+        series.append((g.label, heights, errors))
+    png = plots.grouped_bars([k.removeprefix("acc/") for k in domains], series, colors, "test accuracy (%)", (0, 100))
+    caption = "Test accuracy at the best validation step, per domain; error bars: std over seeds (n > 1)."
+    return Section("Per-domain accuracy", [Figure("per_domain_accuracy", png, caption)])
+
+
+def build_sections(runs: list[Run]) -> list[Section]:
+    """Every section of a report over ``runs``; incomplete runs appear in the run list and the curves only."""
+    all_groups = group_runs(runs)
+    colors = plots.palette([g.label for g in all_groups])
+    group_of = {id(r): g.label for g in all_groups for r in g.runs}
+    groups = [Group(g.label, done) for g in all_groups if (done := [r for r in g.runs if r.results is not None])]
+    sections = [_runs_section(runs)]
+    if groups:
+        complete = [r for g in groups for r in g.runs]
+        best, last = _metric_keys(complete, "best"), _metric_keys(complete, "last")
+        sections += [_summary_section(groups, best, last), _per_run_section(groups, best, last)]
+        if bars := _bars_section(groups, colors):
+            sections.append(bars)
+    sections.append(_curves_section(runs, colors, group_of))
+    if groups:
+        sections.append(_params_section(groups))
+    return sections
+
+
+# ---- rendering --------------------------------------------------------------------------------------------------
+
+CSS = """
+body { font-family: "DejaVu Sans", "Segoe UI", Helvetica, Arial, sans-serif; color: #1f2328; margin: 0; }
+main { max-width: 1140px; margin: 0 auto; padding: 16px 24px 48px; }
+h1 { font-size: 26px; border-bottom: 1px solid #d0d7de; padding-bottom: 6px; }
+h2 { font-size: 19px; margin-top: 30px; border-bottom: 1px solid #eaeef2; padding-bottom: 4px; }
+p { font-size: 14px; line-height: 1.5; }
+.scroll { overflow-x: auto; margin: 8px 0 16px; }
+table { border-collapse: collapse; font-size: 13px; }
+th, td { border: 1px solid #d0d7de; padding: 4px 6px; vertical-align: top; }
+th { background: #f6f8fa; font-weight: 600; text-align: center; white-space: nowrap; }
+td.num { text-align: right; white-space: nowrap; font-variant-numeric: tabular-nums; }
+td.path { word-break: break-all; font-family: "DejaVu Sans Mono", monospace; font-size: 12px; }
+tbody tr:nth-child(even) { background: #f9fafb; }
+figure { margin: 12px 0 20px; }
+img { max-width: 100%; height: auto; }
+figcaption { font-size: 13px; color: #57606a; margin-top: 4px; }
+.notes { background: #fff8c5; border: 1px solid #d4a72c; border-radius: 6px; padding: 8px 16px 8px 32px;
+         font-size: 14px; }
+"""
+
+
+def _html_table(table: Table) -> str:
+    e = html.escape
+    spanned = any(c.over for c in table.columns)
+    top, bottom = [], []
+    i = 0
+    while i < len(table.columns):
+        col = table.columns[i]
+        if not col.over:
+            rowspan = ' rowspan="2"' if spanned else ""
+            top.append(f"<th{rowspan}>{e(col.name)}</th>")
+            i += 1
+            continue
+        j = i
+        while j < len(table.columns) and table.columns[j].over == col.over:
+            bottom.append(f"<th>{e(table.columns[j].name)}</th>")
+            j += 1
+        top.append(f'<th colspan="{j - i}">{e(col.over)}</th>')
+        i = j
+    head = "<tr>" + "".join(top) + "</tr>" + ("<tr>" + "".join(bottom) + "</tr>" if spanned else "")
+    body = []
+    for row in table.rows:
+        cells = []
+        for col, cell in zip(table.columns, row, strict=True):
+            cells.append(f'<td class="{col.kind}">{e(cell)}</td>')
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f'<div class="scroll"><table><thead>{head}</thead><tbody>{"".join(body)}</tbody></table></div>'
+
+
+def _html_block(block: Block) -> str:
+    e = html.escape
+    if isinstance(block, str):
+        return f"<p>{e(block)}</p>"
+    if isinstance(block, Notes):
+        return '<ul class="notes">' + "".join(f"<li>{e(item)}</li>" for item in block.items) + "</ul>"
+    if isinstance(block, Table):
+        return _html_table(block)
+    data = base64.b64encode(block.png).decode("ascii")
+    return (
+        f'<figure><img src="data:image/png;base64,{data}" alt="{e(block.caption)}">'
+        f"<figcaption>{e(block.caption)}</figcaption></figure>"
+    )
+
+
+def render_html(sections: list[Section], title: str = TITLE) -> str:
+    """One self-contained page: every user string escaped, figures inline, no script, nothing fetched."""
+    parts = [
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n<main>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
+    for section in sections:
+        parts.append(f"<section>\n<h2>{html.escape(section.title)}</h2>")
+        parts += [_html_block(block) for block in section.blocks]
+        parts.append("</section>")
+    parts.append("</main>\n</body>\n</html>\n")
+    return "\n".join(parts)
+
+
+def _md(text: str) -> str:
+    """Markdown-safe text: HTML entities for ``&<>`` (no renderer runs them as markup), a backslash before
+    other syntax characters (CommonMark allows one before any ASCII punctuation). An underscore inside a
+    word cannot start emphasis, so ``lora_r8_seed0`` is left readable in the raw file."""
+    text = html.escape(text.replace("\n", " "), quote=False)
+    text = re.sub(r"([\\`*\[\]|#~])", r"\\\1", text)
+    return re.sub(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])", r"\\_", text)
+
+
+def _md_block(block: Block, figure_dir: str) -> str:
+    if isinstance(block, str):
+        return _md(block)
+    if isinstance(block, Notes):
+        return "\n".join(f"- **Note:** {_md(item)}" for item in block.items)
+    if isinstance(block, Table):
+        names = [f"{c.over}: {c.name}" if c.over else c.name for c in block.columns]
+        lines = ["| " + " | ".join(_md(n) for n in names) + " |"]
+        lines.append("|" + "|".join("---:" if c.kind == "num" else "---" for c in block.columns) + "|")
+        lines += ["| " + " | ".join(_md(cell) for cell in row) + " |" for row in block.rows]
+        return "\n".join(lines)
+    return f"![{_md(block.caption)}]({figure_dir}/{block.name}.png)\n\n*{_md(block.caption)}*"
+
+
+def render_markdown(sections: list[Section], figure_dir: str = "figures", title: str = TITLE) -> str:
+    """Markdown whose figures are ``figure_dir/<name>.png`` relative to the file."""
+    parts = [f"# {_md(title)}"]
+    for section in sections:
+        parts.append(f"## {_md(section.title)}")
+        parts += [_md_block(block, figure_dir) for block in section.blocks]
+    return "\n\n".join(parts) + "\n"
+
+
+def write_report(run_dirs: list[Path], out_dir: Path) -> tuple[Path, Path]:
+    """Write ``report.html`` and ``report.md`` (+ ``figures/*.png``) into ``out_dir``; returns both paths.
+
+    Every path is checked before anything is written, so a mistyped run dir fails fast with its name.
+    """
+    paths = list(dict.fromkeys(Path(p) for p in run_dirs))  # a run listed twice would count twice in ± otherwise
+    names = _run_names([p.resolve() for p in paths])
+    runs = [load_run(p, name) for p, name in zip(paths, names, strict=True)]
+    if not runs:
+        raise ValueError("write_report needs at least one run directory")
+    sections = build_sections(runs)
+    out_dir = Path(out_dir)
+    figure_dir = out_dir / "figures"
+    figure_dir.mkdir(parents=True, exist_ok=True)
+    for section in sections:
+        for block in section.blocks:
+            if isinstance(block, Figure):
+                (figure_dir / f"{block.name}.png").write_bytes(block.png)
+    html_path, md_path = out_dir / "report.html", out_dir / "report.md"
+    html_path.write_text(render_html(sections), encoding="utf-8")
+    md_path.write_text(render_markdown(sections, figure_dir.name), encoding="utf-8")
+    return html_path, md_path

@@ -1,0 +1,144 @@
+"""Reports over hand-written run directories: numbers, figures, escaping, and damaged inputs."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from loraplex.eval import NotARunDirError, write_report
+
+DOMAINS = ["fashion", "mnist", "digits"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+EVIL = "ss<script>alert('x')"
+
+
+def make_run(
+    root: Path,
+    name: str,
+    method: str,
+    seed: int,
+    best: list[float] | None,
+    last: list[float] | None = None,
+    rank: int = 8,
+    trainable: int = 12_345,
+) -> Path:
+    """A run dir in the spec's format; ``best=None`` leaves it interrupted (no results.json, a cut-off line)."""
+    run = root / name
+    run.mkdir(parents=True)
+    config = {
+        "backbone": {"name": "vit_fractal_tiny", "img_size": 32},
+        "method": {"name": method, "rank": rank},
+        "data": {"domains": DOMAINS, "seed": seed},
+        "train": {"steps": 100, "eval_every": 25, "seed": seed},
+        "output": {"dir": str(run)},
+    }
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    lines = [{"step": s, "split": "train", "loss": 2.3 / s, "lr": 1e-3} for s in range(1, 101)]
+    lines += [{"step": s, "split": "val", "acc/mean": 0.5 + s / 400} for s in (25, 50, 75, 100)]
+    if best is None:  # killed mid-write at step 51: the last line is cut short
+        text = "".join(json.dumps(line) + "\n" for line in lines[:50]) + '{"step": 51, "spl'
+        (run / "metrics.jsonl").write_text(text)
+        return run
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    def scores(values: list[float]) -> dict[str, float]:
+        return {**{f"acc/{d}": v for d, v in zip(DOMAINS, values, strict=True)}, "acc/mean": sum(values) / 3}
+
+    results = {
+        "method": method,
+        "params": {"adapter": 10_000, "head": 2_345, "trainable": trainable, "frozen": 987_655, "total": 1_000_000},
+        "train_seconds": 60.0 + seed,
+        "steps": 100,
+        "best_step": 75,
+        "last": {"val": scores(last or best), "test": scores(last or best)},
+        "best": {"val": scores(best), "test": scores(best)},
+    }
+    (run / "results.json").write_text(json.dumps(results, indent=2))
+    return run
+
+
+def table_rows(page: str) -> list[list[str]]:
+    """Cell texts (unescaped) of every table row of the HTML."""
+    rows = re.findall(r"<tr>(.*?)</tr>", page, re.S)
+    return [[html.unescape(c) for c in re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", row, re.S)] for row in rows]
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> list[Path]:
+    return [
+        make_run(tmp_path, "lora-s0", "lora", 0, best=[0.80, 0.90, 0.70], last=[0.78, 0.88, 0.70]),
+        make_run(tmp_path, "lora-s1", "lora", 1, best=[0.90, 0.92, 0.76], last=[0.84, 0.90, 0.72]),
+        make_run(tmp_path, EVIL, "shared_specific", 0, best=[0.93, 0.97, 0.85], trainable=23_456),
+        make_run(tmp_path, "lora-s2", "lora", 2, best=None),
+    ]
+
+
+def test_report_tables_figures_and_escaping(runs: list[Path], tmp_path: Path):
+    html_path, md_path = write_report(runs, tmp_path / "out")
+    assert html_path == tmp_path / "out" / "report.html" and html_path.is_file() and md_path.is_file()
+    page = html_path.read_text()
+    rows = table_rows(page)
+
+    # two seeds of lora: mean ± sample std (n−1), in percent; the interrupted third seed is not counted
+    (lora,) = [r for r in rows if r[:2] == ["lora", "2"]]
+    assert lora[2] == "0, 1"
+    assert lora[3:7] == ["85.0 ± 7.1", "91.0 ± 1.4", "73.0 ± 4.2", "83.0 ± 4.2"]  # best: fashion, mnist, digits, mean
+    assert lora[7:11] == ["81.0 ± 4.2", "89.0 ± 1.4", "71.0 ± 1.4", "80.3 ± 2.4"]  # last step
+    assert lora[11:] == ["12,345", "60.5 ± 0.7"]
+    (single,) = [r for r in rows if r[:2] == ["shared_specific", "1"]]
+    assert single[3:7] == ["93.0", "97.0", "85.0", "91.7"]
+    per_run = [r for r in rows if r[0] == "lora-s1" and len(r) > 5]
+    assert per_run[0][3:7] == ["90.0", "92.0", "76.0", "86.0"] and per_run[0][-3:] == ["12,345", "10,000", "61.0"]
+
+    # figures embedded; nothing is fetched from elsewhere
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) == 2 and all(base64.b64decode(i).startswith(PNG_MAGIC) for i in images)
+    assert all(ref.startswith("data:") for ref in re.findall(r'(?:src|href)="([^"]*)"', page))
+
+    # user strings are escaped: the only way "<script" could appear is from the run name
+    assert "<script" not in page and html.escape(EVIL) in page
+
+    # the interrupted run is reported with what happened, not dropped silently
+    assert "lora-s2: no results.json: interrupted or still running (last logged step 50)" in html.unescape(page)
+    assert "skipped 1 malformed line(s) (line 51)" in page
+
+    md = md_path.read_text()
+    refs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert len(refs) == 2
+    for ref in refs:
+        assert (md_path.parent / ref).read_bytes().startswith(PNG_MAGIC)
+    assert "85.0 ± 7.1" in md and "<script" not in md
+
+
+def test_setups_differing_beyond_the_seed_are_separate_groups(tmp_path: Path):
+    runs = [
+        make_run(tmp_path, "r8", "lora", 0, best=[0.8, 0.8, 0.8]),
+        make_run(tmp_path, "r4", "lora", 1, best=[0.6, 0.6, 0.6], rank=4),
+    ]
+    rows = table_rows(write_report(runs, tmp_path / "out")[0].read_text())
+    labels = {r[0]: r[3] for r in rows if len(r) > 3 and r[1] == "1"}
+    assert labels == {"lora (method.rank=8)": "80.0", "lora (method.rank=4)": "60.0"}
+
+
+def test_same_named_runs_are_told_apart(tmp_path: Path):
+    runs = [
+        make_run(tmp_path / "a", "seed0", "lora", 0, best=[0.8] * 3),
+        make_run(tmp_path / "b", "seed0", "x", 0, [0.5] * 3),
+    ]
+    page = write_report(runs, tmp_path / "out")[0].read_text()
+    assert "a/seed0" in page and "b/seed0" in page
+
+
+def test_a_path_that_is_not_a_run_dir_is_named(tmp_path: Path):
+    good = make_run(tmp_path, "ok", "lora", 0, best=[0.8] * 3)
+    (tmp_path / "empty").mkdir()
+    for bad in (tmp_path / "empty", tmp_path / "nowhere"):
+        with pytest.raises(NotARunDirError, match=re.escape(str(bad))):
+            write_report([good, bad], tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written before the inputs are checked
