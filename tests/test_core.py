@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 
 import loraplex as lp
@@ -268,3 +269,17 @@ def test_config_and_task_errors_name_what_is_wrong():
         model(images(2), task=torch.tensor([0, 5]))
     with pytest.raises(ValueError, match="heads"):
         lp.wrap(tiny_vit(), lp.make_config("lora", tasks=TASKS), heads={"fashion": 3})
+
+
+def test_a_cnn_backbone_with_zero_dim_buffers_wraps_saves_and_loads(tmp_path):
+    def cnn():
+        torch.manual_seed(0)
+        return timm.create_model("resnet10t", pretrained=False, num_classes=0).eval()
+
+    model = lp.wrap(cnn(), lp.make_config("full_finetune", tasks=TASKS), heads=dict.fromkeys(TASKS, 3)).eval()
+    with torch.no_grad():
+        model.backbone.conv1[0].weight.mul_(1.1)
+    model.save(tmp_path / "cnn")
+    loaded = lp.load(tmp_path / "cnn", cnn()).eval()
+    x = images(2, 32)
+    assert torch.equal(loaded(x, task="digits"), model(x, task="digits"))

@@ -35,7 +35,7 @@ def fingerprint(backbone: nn.Module) -> str:
     for name, tensor in sorted(backbone.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
 

@@ -96,17 +96,26 @@ def create_backbone(section: BackboneSection, *, load: bool = True) -> nn.Module
             f"backbone.name {section.name!r} is neither a zoo backbone ({sorted(zoo) or 'none committed'}) "
             "nor a timm architecture"
         )
-    kwargs.setdefault("img_size", section.img_size)
     if section.pretrained and load:
         try:
-            model = timm.create_model(section.name, pretrained=True, num_classes=0, **kwargs)
+            model = _create(section.name, True, section.img_size, kwargs)
         except Exception as err:  # timm raises many kinds when the hub is unreachable
             raise BackboneError(
                 f"could not fetch pre-trained weights for {section.name} ({type(err).__name__}: {err}). "
                 "Offline, use a zoo backbone or point backbone.checkpoint at a local timm checkpoint file."
             ) from err
         return model.eval()
-    model = timm.create_model(section.name, pretrained=False, num_classes=0, **kwargs)
+    model = _create(section.name, False, section.img_size, kwargs)
     if section.checkpoint and load:
         load_weights(model, read_checkpoint(section.checkpoint), section.checkpoint)
     return model.eval()
+
+
+def _create(name: str, pretrained: bool, img_size: int, kwargs: dict) -> nn.Module:
+    """timm model with ``img_size`` where the architecture takes one (ViT, Swin; not CNNs)."""
+    try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=0, **{"img_size": img_size, **kwargs})
+    except TypeError as err:
+        if "img_size" not in str(err) or "img_size" in kwargs:
+            raise
+        return timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)

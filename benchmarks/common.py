@@ -1,0 +1,101 @@
+"""Shared pieces of the accuracy benchmarks: run a table of (row × seed) configs through the real
+training loop (resumable: a finished run is read back, not re-run), add the pixel floor, and print
+mean ± std over seeds as Markdown."""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from loraplex.config import from_dict
+from loraplex.eval.floors import pixel_logistic_regression
+from loraplex.train.runner import domain_splits, train
+
+
+@dataclass
+class Row:
+    """One table row: a name and the config sections it replaces or updates in the base config."""
+
+    name: str
+    replace: dict[str, Any] = field(default_factory=dict)  # whole sections (e.g. a method)
+    update: dict[str, dict[str, Any]] = field(default_factory=dict)  # keys within sections
+
+
+def row_config(base: dict, row: Row, seed: int, out_dir: Path) -> dict:
+    raw = copy.deepcopy(base)
+    raw.update(copy.deepcopy(row.replace))
+    for section, values in row.update.items():
+        raw.setdefault(section, {}).update(values)
+    raw["train"]["seed"] = seed
+    raw["data"]["seed"] = seed
+    raw.setdefault("output", {})["dir"] = str(out_dir / row.name / f"seed{seed}")
+    return raw
+
+
+def run_table(
+    base_path: Path, rows: list[Row], seeds: list[int], out_dir: Path, tweak: Callable[[dict], None] | None = None
+) -> dict[str, list[dict]]:
+    """Train every (row, seed); returns ``{row: [results.json of each seed]}``."""
+    base = yaml.safe_load(base_path.read_text())
+    if tweak is not None:
+        tweak(base)
+    table: dict[str, list[dict]] = {}
+    for row in rows:
+        for seed in seeds:
+            config = from_dict(row_config(base, row, seed, out_dir))
+            done = Path(config.output.dir) / "results.json"
+            print(f"== {row.name} seed {seed}", flush=True)
+            results = json.loads(done.read_text()) if done.exists() else train(config)
+            table.setdefault(row.name, []).append(results)
+    return table
+
+
+def pixel_floor(base_path: Path, seeds: list[int], tweak: Callable[[dict], None] | None = None) -> list[dict]:
+    """Logistic regression on raw pixels on exactly the runs' splits, one result per seed."""
+    base = yaml.safe_load(base_path.read_text())
+    if tweak is not None:
+        tweak(base)
+    out = []
+    for seed in seeds:
+        config = from_dict(row_config(base, Row("pixels"), seed, Path("/tmp")))
+        splits = domain_splits(config)
+        test = pixel_logistic_regression(splits["train"], splits["val"], splits["test"])
+        out.append({"best": {"test": test}, "last": {"test": test}, "params": {"trainable": 0}, "train_seconds": 0.0})
+    return out
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.fmean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def markdown(table: dict[str, list[dict]], domains: list[str], which: str = "best") -> str:
+    """Test accuracy (%) per domain and mean, mean ± std over seeds; trainable params; train time."""
+    keys = [f"acc/{d}" for d in domains] + ["acc/mean"]
+    head = ["row", *[k.split("/")[1] for k in keys], "trainable params", "train s / run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
+    for name, runs in table.items():
+        cells = [_mean_std([100 * r[which]["test"][k] for r in runs]) for k in keys]
+        params = runs[0]["params"]["trainable"]
+        seconds = statistics.fmean(r["train_seconds"] for r in runs)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {params:,} | {seconds:.0f} |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
+        cpu = f"{names[0]} × {len(names)}" if names else cpu
+    return f"{cpu}, torch {torch.__version__}, {torch.get_num_threads()} threads, Python {platform.python_version()}"
