@@ -32,6 +32,10 @@ CASES = {
             "target_modules": ["qkv", "proj", "fc1", "fc2"],
         },
     ),
+    "shared_specific_upper_heavy": (
+        "shared_specific",
+        {"rank": 3, "domain_rank": 2, "constraint": "subspace", "placement": "upper_heavy", "target_modules": ["qkv"]},
+    ),
 }
 ADAPTED = [c for c in CASES if CASES[c][0] not in ("linear_probe", "full_finetune")]
 STRATEGIES = ["slices", "bmm", "masked"]

@@ -38,7 +38,7 @@ TINY = {
 def tiny_config(tmp_path: Path, **sections) -> Path:
     raw = json.loads(json.dumps(TINY))
     for section, values in sections.items():
-        raw[section].update(values)
+        raw[section] = values if section == "method" else {**raw[section], **values}
     raw["output"].setdefault("dir", str(tmp_path / "run"))
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "config.yaml"
@@ -129,10 +129,11 @@ def _kill_after_checkpoint(cmd: list[str], run: Path, step: int) -> None:
 
 def test_a_killed_run_resumes_to_the_same_adapters(tmp_path):
     slow = {"steps": 40, "checkpoint_every": 5, "eval_every": 10, "threads": 1}
-    straight = load_config(tiny_config(tmp_path / "a", train=slow))
+    augmented = {**TINY["data"], "augment": True}  # random crops too must replay exactly after a resume
+    straight = load_config(tiny_config(tmp_path / "a", train=slow, data=augmented))
     train(straight, progress=False)
 
-    path = tiny_config(tmp_path / "b", train=slow)
+    path = tiny_config(tmp_path / "b", train=slow, data=augmented)
     run = tmp_path / "b" / "run"
     cmd = [sys.executable, "-m", "loraplex", "train", str(path), "--no-progress"]
     _kill_after_checkpoint(cmd, run, step=10)
@@ -200,7 +201,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
 
 # ---- CLI ----------------------------------------------------------------------------------------
 def test_every_command_has_help(capsys):
-    for command in ("train", "eval", "params", "export", "report"):
+    for command in ("pretrain", "train", "eval", "params", "export", "report"):
         with pytest.raises(SystemExit) as exit_info:
             cli.main([command, "--help"])
         assert exit_info.value.code == 0
@@ -235,3 +236,28 @@ def test_cli_params_eval_export_and_errors(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert cli.main(["eval", str(tmp_path / "empty")]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_pretrain_writes_a_zoo_entry_that_loads_by_name_and_is_checked(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LORAPLEX_ZOO", str(tmp_path / "zoo"))
+    steps = {"steps": 4, "warmup_steps": 1, "eval_every": 2, "checkpoint_every": 2}
+    path = tiny_config(tmp_path, method={"name": "full_finetune"}, train=steps, output={"zoo_name": "tiny_zoo"})
+    with pytest.raises(ConfigError, match="full_finetune"):
+        from loraplex.train.runner import pretrain
+
+        pretrain(load_config(path, ["method.name=lora"]), progress=False)
+    assert cli.main(["pretrain", str(path), "--no-progress"]) == 0
+    entry = json.loads((tmp_path / "zoo" / "tiny_zoo.json").read_text())
+    assert entry["architecture"] == "vit_tiny_patch16_224" and entry["summary"]["images_seen"] == 4 * 16
+    trained = load_file(tmp_path / "run" / "final" / "adapters.safetensors")
+
+    from loraplex.config import BackboneSection
+    from loraplex.models import BackboneError, create_backbone
+
+    backbone = create_backbone(BackboneSection(name="tiny_zoo"))
+    for key, value in backbone.state_dict().items():
+        assert torch.equal(value, trained[f"backbone.{key}"]), key
+    weights = tmp_path / "zoo" / "tiny_zoo.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"corrupt!")
+    with pytest.raises(BackboneError, match="sha256"):
+        create_backbone(BackboneSection(name="tiny_zoo"))

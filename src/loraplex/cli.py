@@ -1,4 +1,4 @@
-"""``loraplex`` command line: ``train``, ``eval``, ``params``, ``export``, ``report``.
+"""``loraplex`` command line: ``train``, ``eval``, ``params``, ``analyze``, ``export``, ``report``.
 
 Every command that reads a config accepts ``--set section.key=value`` overrides.  Errors a user can
 fix (bad config keys, missing data, wrong adapter files) print one clear line and exit with status 2.
@@ -35,6 +35,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     if results:
         print(_results_table(results))
         print(f"run directory: {config.output.dir}")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from .train.runner import pretrain
+
+    config = load_config(args.config, args.overrides)
+    entry = pretrain(config, progress=not args.no_progress)
+    if entry is not None:
+        print(f"zoo entry written: {entry} (use it as backbone.name: {config.output.zoo_name})")
     return 0
 
 
@@ -75,6 +85,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .eval.analysis import ANALYSIS_DIR, write_analysis
+    from .train.runner import load_run
+
+    config, model = load_run(args.run_dir, which=args.which)
+    k = args.k if args.k is not None else config.method.get("k")
+    out = args.run_dir / ANALYSIS_DIR
+    result = write_analysis(model, out, k, run=str(args.run_dir), method=config.method_name, which=args.which)
+    print(f"{'branch':24s} {'layers':>6s} {'col. energy':>11s} {'eff. rank':>9s}")
+    for row in result["summary"]:
+        energy = "—" if row["energy_column"] is None else f"{row['energy_column']:.3f}"
+        print(f"{row['branch']:24s} {row['layers']:6d} {energy:>11s} {row['effective_rank']:9.2f}")
+    print(f"analysis written to {out}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .eval.report import write_report
 
@@ -93,9 +119,19 @@ def _results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _truncation(text: str) -> int | float:
+    """``--k 64`` is a fixed size, ``--k 0.9`` an energy fraction (as the config's ``method.k``)."""
+    return float(text) if "." in text else int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex", description="Structured multi-LoRA fine-tuning of ViTs.")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    pretrain = commands.add_parser("pretrain", help="pre-train a backbone offline and write it to the zoo")
+    _add_config(pretrain)
+    pretrain.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
+    pretrain.set_defaults(func=cmd_pretrain)
 
     train = commands.add_parser("train", help="train (or resume) a run described by a config")
     _add_config(train)
@@ -113,6 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(params)
     params.add_argument("--json", action="store_true", help="print JSON")
     params.set_defaults(func=cmd_params)
+
+    analyze = commands.add_parser("analyze", help="where each ΔW lives: subspace energy, rank, angles (+ plots)")
+    analyze.add_argument("run_dir", type=Path)
+    analyze.add_argument("--which", choices=["best", "final"], default="best", help="which adapters to load")
+    analyze.add_argument(
+        "--k", type=_truncation, default=None, help="column-space size: int or energy fraction (default: the run's k)"
+    )
+    analyze.set_defaults(func=cmd_analyze)
 
     export = commands.add_parser("export", help="export a run's adapters for one task")
     export.add_argument("run_dir", type=Path)

@@ -48,10 +48,14 @@ class DataSection:
     val_per_domain: int | float = 0.1  # a count, or a fraction of the training pool
     test_per_domain: int | None = None  # None: the whole test split
     sampling: Literal["proportional", "uniform", "temperature"] = "proportional"
+    augment: bool = False  # random resized crops, flips, inversion, contrast (used for pre-training)
     temperature: float = 2.0
     seed: int = 0
+    frames: int | None = None  # clips of this many frames (video domains, frame-wise backbone); None: images
 
     def check(self) -> None:
+        if self.frames is not None:
+            _positive("data.frames", self.frames)
         if not self.domains:
             raise ConfigError("data.domains must name at least one source")
         if len(set(self.domains)) != len(self.domains):
@@ -103,6 +107,7 @@ class TrainSection:
 class OutputSection:
     dir: str = "runs/run"
     tensorboard: bool = True
+    zoo_name: str | None = None  # `loraplex pretrain` writes the trained backbone as this zoo entry
 
 
 @dataclass

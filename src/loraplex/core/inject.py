@@ -5,12 +5,16 @@ Targets use PEFT's vocabulary: a list of module-name suffixes (``"attn.qkv"`` ma
 is the position of a module's enclosing ``…blocks.<i>`` container in registration order, counted
 across stages (ViT: ``blocks.0…``; Swin: ``layers.0.blocks.0``, ``layers.0.blocks.1``,
 ``layers.1.blocks.0`` … → 0, 1, 2 …), so rank schedules and block selections work on both.
+
+A rank schedule is either a per-block list or a :data:`RankSchedule` — a callable from the backbone's
+number of blocks to such a list — because a plan is made from a config before any backbone is seen;
+it is resolved here, where the backbone is.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -19,9 +23,11 @@ from torch import nn
 from .branches import BasisBank, Init, LoRAGroup, Routing
 from .layer import AdaptedLinear
 from .routing import RouteContext
-from .subspace import Form, Subspace, TruncationK, weight_subspaces
+from .subspace import Form, Subspace, TruncationK, column_space, weight_subspaces
 
 Targets = Sequence[str] | str
+RankSchedule = Callable[[int], Sequence[int]]
+"""Number of blocks of the backbone → rank per block (0 = no branch there)."""
 
 _BLOCK = re.compile(r"^(.*?\bblocks\.\d+)\.")
 
@@ -40,14 +46,15 @@ class OutputSubspaceSpec:
 class GroupSpec:
     """One branch group to place on every matching layer.
 
-    ``rank`` is an int or a per-block list (0 = no branch in that block).  ``scale`` overrides
+    ``rank`` is an int, a per-block list (0 = no branch in that block), or a :data:`RankSchedule`
+    producing that list from the backbone's number of blocks.  ``scale`` overrides
     ``alpha / rank``.  ``targets`` overrides the injection's targets for this group only.
     """
 
     name: str
     routing: Routing
     n: int = 1
-    rank: int | Sequence[int] = 8
+    rank: int | Sequence[int] | RankSchedule = 8
     alpha: float | None = None
     scale: float | None = None
     dropout: float = 0.0
@@ -58,16 +65,17 @@ class GroupSpec:
     train_A: bool = True
     bank_size: int = 0  # > 0: factors from a BasisBank of this many bases, one bank per layer shape
 
-    def rank_at(self, block: int | None, name: str) -> int:
+    def rank_at(self, block: int | None, name: str, num_blocks: int) -> int:
         if isinstance(self.rank, int):
             return self.rank
+        ranks = self.rank(num_blocks) if callable(self.rank) else self.rank
         if block is None:
             raise ValueError(f"{name}: a per-block rank schedule needs a layer inside a '…blocks.<i>' container")
-        if block >= len(self.rank):
+        if block >= len(ranks):
             raise ValueError(
-                f"rank schedule of group {self.name!r} has {len(self.rank)} entries; {name} is in block {block}"
+                f"rank schedule of group {self.name!r} has {len(ranks)} entries; {name} is in block {block}"
             )
-        return int(self.rank[block])
+        return int(ranks[block])
 
 
 @dataclass
@@ -118,28 +126,40 @@ def find_targets(model: nn.Module, targets: Targets, blocks: Sequence[int] | Non
     return found
 
 
-def _output_space(spec: OutputSubspaceSpec, layer: AdaptedLinear, group: GroupSpec, rank: int) -> Subspace:
-    column, null = weight_subspaces(layer.base.weight, spec.k)
-    out, inp = layer.base.weight.shape
+def _output_space(spec: OutputSubspaceSpec, layer: AdaptedLinear, group: GroupSpec, rank: int, svd: dict) -> Subspace:
+    """The subspace ``B`` may use; ``svd`` caches this layer's bases so groups share one SVD."""
     if spec.space not in ("column", "null"):
         raise ValueError(f"unknown output subspace {spec.space!r}; choose 'column' or 'null'")
-    if spec.space == "column":
-        space = Subspace(column, form=spec.form)
-    elif spec.form == "coordinates":
-        space = Subspace(null, form="coordinates")
+    weight = layer.base.weight
+    out, inp = weight.shape
+    if spec.space == "null" and spec.form == "coordinates":  # the only case needing U_⊥ itself
+        key = ("full", spec.k)
+        if key not in svd:
+            svd[key] = weight_subspaces(weight, spec.k)
+        column, null = svd[key]
+        space = Subspace(null.clone(), form="coordinates")  # a private copy: adapter files refuse shared memory
     else:
-        space = Subspace(column, complement=True, form="projection")
+        key = ("thin", spec.k)
+        if key not in svd:
+            svd[key] = column_space(weight, spec.k)
+        column = svd[key]
+        complement = spec.space == "null"
+        space = Subspace(column.clone(), complement=complement, form="projection" if complement else spec.form)
     if rank > space.dim:
+        k = column.shape[1]
+        if spec.space == "column":
+            hint = f" Lower the rank to ≤ {k}, or raise the truncation k."
+        elif k == min(out, inp) == out:
+            hint = (
+                " W is square (or wide) and full-rank, so its exact left null space is empty: set a truncation"
+                " (k < out, or an energy fraction) or target a tall layer such as the fused attn.qkv or mlp.fc1."
+            )
+        else:
+            hint = f" Lower the rank to ≤ {space.dim}, set a smaller truncation k (< {k}), or target a taller layer."
         what = "column space" if spec.space == "column" else "left null space"
-        hint = (
-            " W is square and full-rank, so its exact left null space is empty: set a truncation"
-            " (k < out, or an energy fraction) or target a tall layer such as the fused attn.qkv or mlp.fc1."
-            if spec.space == "null" and column.shape[1] == min(out, inp)
-            else ""
-        )
         raise ValueError(
             f"{layer.name}: group {group.name!r} has rank {rank} but the {what} of its {out}×{inp} weight "
-            f"(k={column.shape[1]}) has dimension {space.dim}.{hint}"
+            f"(k={k}) has dimension {space.dim}.{hint}"
         )
     return space
 
@@ -154,6 +174,7 @@ def inject(
     """Replace every targeted ``nn.Linear`` with an :class:`AdaptedLinear` carrying ``groups``."""
     result = InjectionResult()
     index = block_indices(model)
+    num_blocks = len(index)
     names = set()
     for group in groups:
         names.update(find_targets(model, group.targets or targets, blocks))
@@ -163,14 +184,15 @@ def inject(
         module = getattr(parent, attr)
         layer = module if isinstance(module, AdaptedLinear) else AdaptedLinear(module, name, context)
         block = block_of(name, index)
+        svd: dict = {}
         for group in groups:
             if not matches(name, group.targets or targets):
                 continue
-            rank = group.rank_at(block, name)
+            rank = group.rank_at(block, name, num_blocks)
             if rank <= 0:
                 continue
             result.layers[name] = layer
-            layer.groups[group.name] = _build_group(group, layer, rank, result.banks)
+            layer.groups[group.name] = _build_group(group, layer, rank, result.banks, svd)
         if name in result.layers:
             setattr(parent, attr, layer)
     if not result.layers:
@@ -178,7 +200,9 @@ def inject(
     return result
 
 
-def _build_group(group: GroupSpec, layer: AdaptedLinear, rank: int, banks: dict[str, BasisBank]) -> LoRAGroup:
+def _build_group(
+    group: GroupSpec, layer: AdaptedLinear, rank: int, banks: dict[str, BasisBank], svd: dict
+) -> LoRAGroup:
     out, inp = layer.out_features, layer.in_features
     bank = None
     if group.bank_size > 0:
@@ -188,7 +212,7 @@ def _build_group(group: GroupSpec, layer: AdaptedLinear, rank: int, banks: dict[
         bank = banks[key]
         if bank.rank != rank:
             raise ValueError(f"{layer.name}: a shared bank needs one rank per shape; got {rank} and {bank.rank}")
-    output_space = _output_space(group.output_subspace, layer, group, rank) if group.output_subspace else None
+    output_space = _output_space(group.output_subspace, layer, group, rank, svd) if group.output_subspace else None
     input_space = None
     if group.input_subspace is not None:
         if group.input_subspace not in ("span", "complement"):

@@ -42,9 +42,20 @@ def numerical_rank_k(singular_values: torch.Tensor, shape: tuple[int, int], k: T
 def weight_subspaces(weight: torch.Tensor, k: TruncationK = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(U_c, U_⊥)``: orthonormal bases of the column space (first k left singular vectors) and of
     the rest of the output space, from a full SVD of ``W`` (``out × in``) in float64."""
-    u, s, _ = torch.linalg.svd(weight.detach().double(), full_matrices=True)
-    kk = numerical_rank_k(s, tuple(weight.shape), k)
+    u, kk = _left_singular(weight, k, full=True)
     return u[:, :kk].to(weight.dtype).contiguous(), u[:, kk:].to(weight.dtype).contiguous()
+
+
+def column_space(weight: torch.Tensor, k: TruncationK = None) -> torch.Tensor:
+    """``U_c`` alone, from a thin SVD: enough wherever the rest is used only as a complement, and much
+    cheaper than the full SVD on tall layers (ViT-B's qkv: 2304×768)."""
+    u, kk = _left_singular(weight, k, full=False)
+    return u[:, :kk].to(weight.dtype).contiguous()
+
+
+def _left_singular(weight: torch.Tensor, k: TruncationK, full: bool) -> tuple[torch.Tensor, int]:
+    u, s, _ = torch.linalg.svd(weight.detach().double(), full_matrices=full)
+    return u, numerical_rank_k(s, tuple(weight.shape), k)
 
 
 class Subspace(nn.Module):

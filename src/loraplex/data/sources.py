@@ -46,7 +46,8 @@ KNOWN_CLASSES: dict[str, int] = {
 }
 """Class counts known without loading anything (heads can be sized before the data exist)."""
 
-LOADABLE = ("fashion", "mnist", "digits", "folder:<path>")
+LOADABLE = ("fashion", "mnist", "digits", "clipart", "fractals[:<classes>x<per_class>]", "folder:<path>")
+PRETRAIN_SIZE = 64  # pre-training sources are rendered at 64 px; augmentation crops them down
 
 # IDX type codes (http://yann.lecun.com/exdb/mnist/): multi-byte values are big-endian.
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -94,6 +95,10 @@ def load_source(name: str, root: str | None = None, *, size: int | None = None, 
         return _load_mnist()
     if name == "digits":
         return _load_digits()
+    if name == "clipart":
+        return _load_clipart(root)
+    if name == "fractals" or name.startswith("fractals:"):
+        return _load_fractals(name)
     if name.startswith("folder:"):
         return _load_folder(Path(name.removeprefix("folder:")), size)
     raise ValueError(f"unknown source {name!r}; known sources: {', '.join(LOADABLE)}")
@@ -228,3 +233,36 @@ def _load_folder(path: Path, size: int | None) -> ImageSource:
         labels=torch.tensor([label for _, label in files], dtype=torch.int64),
         classes=classes,
     )
+
+
+def _cache_dir() -> Path:
+    return Path(DOWNLOAD_ROOT).expanduser()
+
+
+def _load_clipart(root: str | None) -> ImageSource:
+    """Debian's openclipart-png (no benchmark uses it), 61 sub-categories, 64 px grey on white; the
+    decoded arrays are cached, since decoding 8,000 PNGs takes minutes."""
+    from ..pretrain.clipart import CLIPART_ROOT, ClipartMissingError, load_clipart
+
+    try:
+        images, labels, classes = load_clipart(
+            size=PRETRAIN_SIZE, root=root or CLIPART_ROOT, cache=_cache_dir() / f"clipart-{PRETRAIN_SIZE}-grey.npz"
+        )
+    except ClipartMissingError as err:
+        raise SourceMissingError(str(err)) from err
+    return ImageSource("clipart", torch.from_numpy(images), torch.from_numpy(labels), classes)
+
+
+def _load_fractals(name: str) -> ImageSource:
+    """Formula-driven fractals after FractalDB: ``fractals:<classes>x<per_class>`` (default 1000x50),
+    rendered deterministically (seed 0) and cached."""
+    from ..pretrain.fractals import make_fractal_dataset
+
+    spec = name.removeprefix("fractals").removeprefix(":") or "1000x50"
+    try:
+        n_classes, per_class = (int(v) for v in spec.split("x"))
+    except ValueError as err:
+        raise ValueError(f"source {name!r}: expected fractals:<classes>x<per_class>, e.g. fractals:1000x50") from err
+    cache = _cache_dir() / f"fractals-{n_classes}x{per_class}-{PRETRAIN_SIZE}.npz"
+    images, labels = make_fractal_dataset(n_classes, per_class, size=PRETRAIN_SIZE, seed=0, cache=cache)
+    return ImageSource(name, torch.from_numpy(images), torch.from_numpy(labels), [f"ifs{i}" for i in range(n_classes)])

@@ -26,6 +26,7 @@ import yaml
 from . import plots
 
 CONFIG, METRICS, RESULTS = "config.yaml", "metrics.jsonl", "results.json"
+ANALYSIS = Path("analysis") / "analysis.json"  # written by `loraplex analyze RUN_DIR`
 SEED_KEYS = (("train", "seed"), ("data", "seed"))
 IGNORED_CONFIG = ("output",)  # where a run was written does not change what it measured
 PERCENT_PREFIXES = ("acc/", "miou/")  # fractions in [0, 1], shown as percentages
@@ -414,6 +415,48 @@ def _bars_section(groups: list[Group], colors: dict[str, str]) -> Section | None
     return Section("Per-domain accuracy", [Figure("per_domain_accuracy", png, caption)])
 
 
+def _analysis_row(row: dict[str, Any]) -> list[str]:
+    energy = MISSING if row["energy_column"] is None else f"{row['energy_column']:.3f}"
+    return [row["branch"], str(row["layers"]), energy, f"{row['effective_rank']:.2f}", f"{row['numerical_rank']:.1f}"]
+
+
+def _analysis_section(runs: list[Run]) -> Section | None:
+    """Per-branch means and the depth figures of every run that ``loraplex analyze`` has been run on."""
+    columns = [Column("branch", kind="text"), Column("layers"), Column("column-space energy")]
+    columns += [Column("effective rank"), Column("numerical rank")]
+    blocks: list[Block] = []
+    for run in runs:
+        path = run.path / ANALYSIS
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text())
+            rows = [_analysis_row(row) for row in data["summary"]]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            blocks.append(
+                Notes([f"{run.name}: {ANALYSIS} is damaged ({type(e).__name__}: {e}); re-run loraplex analyze"])
+            )
+            continue
+        blocks += [
+            f"{run.name} ({run.method}, {data.get('which', 'best')} adapters; means over layers):",
+            Table(columns, rows),
+        ]
+        stem = re.sub(r"[^A-Za-z0-9_.-]", "_", run.name)
+        for figure in data.get("figures", []):
+            png = path.parent / figure["file"]
+            if png.is_file():
+                name = f"analysis_{stem}_{Path(figure['file']).stem}"
+                blocks.append(Figure(name, png.read_bytes(), f"{run.name}: {figure['caption']}"))
+    if not blocks:
+        return None
+    intro = (
+        "Where each ΔW lives: the fraction of its energy in the column space of the frozen W (the rest is in the "
+        "left null space), its effective rank (Roy & Vetterli 2007) and numerical rank, and the principal angles "
+        "between branches' output subspaces, over depth."
+    )
+    return Section("Analysis", [intro, *blocks])
+
+
 def build_sections(runs: list[Run]) -> list[Section]:
     """Every section of a report over ``runs``; incomplete runs appear in the run list and the curves only."""
     all_groups = group_runs(runs)
@@ -430,6 +473,8 @@ def build_sections(runs: list[Run]) -> list[Section]:
     sections.append(_curves_section(runs, colors, group_of))
     if groups:
         sections.append(_params_section(groups))
+    if analysis := _analysis_section(runs):
+        sections.append(analysis)
     return sections
 
 

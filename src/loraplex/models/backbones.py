@@ -9,17 +9,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import timm
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import BackboneSection, ConfigError
 
-ZOO_DIR = Path(__file__).resolve().parents[3] / "zoo"
+REPO_ZOO = Path(__file__).resolve().parents[3] / "zoo"
+
+
+def zoo_dir() -> Path:
+    """The committed ``zoo/`` of the repository, or ``$LORAPLEX_ZOO`` (a user's own collection)."""
+    return Path(os.environ.get("LORAPLEX_ZOO", REPO_ZOO))
 
 
 class BackboneError(ValueError):
@@ -28,9 +34,30 @@ class BackboneError(ValueError):
 
 def zoo_entries() -> dict[str, dict]:
     """``{name: recipe}`` for every committed zoo backbone (``zoo/<name>.json`` beside its weights)."""
-    if not ZOO_DIR.is_dir():
+    directory = zoo_dir()
+    if not directory.is_dir():
         return {}
-    return {p.stem: json.loads(p.read_text()) for p in sorted(ZOO_DIR.glob("*.json"))}
+    return {p.stem: json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))}
+
+
+def write_zoo_entry(
+    name: str, backbone: nn.Module, architecture: str, img_size: int, kwargs: dict, extra: dict
+) -> Path:
+    """Commit-ready zoo entry: ``<name>.safetensors`` (features-only weights) and ``<name>.json`` with the
+    architecture, its input size and timm kwargs, the file's sha256 and ``extra`` (recipe, training log)."""
+    directory = zoo_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = directory / f"{name}.safetensors"
+    tensors = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+    tmp = weights.with_suffix(".tmp")
+    save_file(tensors, tmp, metadata={"format": "pt", "architecture": architecture})
+    os.replace(tmp, weights)
+    entry = {"architecture": architecture, "img_size": img_size, "kwargs": kwargs, "file": weights.name}
+    entry["sha256"] = sha256_of(weights)
+    recipe = directory / f"{name}.json"
+    recipe.with_suffix(".tmp").write_text(json.dumps(entry | extra, indent=2) + "\n")
+    os.replace(recipe.with_suffix(".tmp"), recipe)
+    return recipe
 
 
 def sha256_of(path: Path) -> str:
@@ -84,9 +111,11 @@ def create_backbone(section: BackboneSection, *, load: bool = True) -> nn.Module
     kwargs = dict(section.kwargs)
     if section.name in zoo:
         recipe = zoo[section.name]
-        model = timm.create_model(recipe["architecture"], pretrained=False, num_classes=0, **recipe["kwargs"])
+        model = _create(recipe["architecture"], False, recipe["img_size"], recipe["kwargs"])
         if load:
-            weights = ZOO_DIR / recipe["file"]
+            weights = zoo_dir() / recipe["file"]
+            if not weights.is_file():
+                raise BackboneError(f"zoo entry {section.name!r} lists {weights}, which is missing")
             if sha256_of(weights) != recipe["sha256"]:
                 raise BackboneError(f"zoo file {weights} does not match its recorded sha256: re-checkout it")
             load_weights(model, load_file(weights), str(weights))

@@ -202,8 +202,8 @@ def fit(
     images, window_start = 0, time.perf_counter()
     for step in range(state.step, cfg.steps):
         started = time.perf_counter()
+        torch.manual_seed(step_seed(cfg.seed, step, dist.rank))  # augmentation and dropout replay on resume
         batch = regime.next_batch()
-        torch.manual_seed(step_seed(cfg.seed, step, dist.rank))
         loss, metrics = regime.loss(trained, batch)
         if any_rank(dist, not math.isfinite(loss.item())):
             bar.close()

@@ -41,6 +41,7 @@ class MultiDomainRegime:
         sampling: str,
         temperature: float,
         seed: int,
+        augment: bool = False,
         rank: int = 0,
         world: int = 1,
     ) -> None:
@@ -48,6 +49,11 @@ class MultiDomainRegime:
             raise ValueError(f"train.batch_size={batch_size} must be divisible by the {world} processes")
         self.splits = splits
         self.img_size = img_size
+        self.augment = None
+        if augment:  # batched on the whole batch: per-image PIL transforms would cost more than the model
+            from ..pretrain.objectives import Augment
+
+            self.augment = Augment(size=img_size, channels=3)
         self.eval_batch_size = eval_batch_size
         self.stream = MultiDomainStream(
             splits["train"],
@@ -61,7 +67,8 @@ class MultiDomainRegime:
 
     def next_batch(self) -> MultiDomainBatch:
         images, labels, domains = self.stream.next_batch()
-        return MultiDomainBatch(to_tensor_batch(images, self.img_size), labels, domains)
+        x = self.augment(images) if self.augment else to_tensor_batch(images, self.img_size)
+        return MultiDomainBatch(x, labels, domains)
 
     def batch_images(self, batch: MultiDomainBatch) -> int:
         return int(batch.labels.shape[0])

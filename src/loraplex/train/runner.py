@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from ..config import ConfigError, RunConfig, dump_config, from_dict
 from ..core.model import AdaptedModel
 from ..data import DomainData, load_source, num_classes, split
 from ..methods import make_config
-from ..models import create_backbone
+from ..models import FrameWise, create_backbone, write_zoo_entry, zoo_entries
 from .dist import Dist, init_from_env, shutdown
 from .loop import fit
 from .regimes import MultiDomainRegime
@@ -22,8 +23,11 @@ CONFIG_FILE = "config.yaml"
 
 
 def build_model(config: RunConfig, *, load_weights: bool = True) -> AdaptedModel:
-    """Backbone + method + one head per domain, as the config says (no data needed)."""
+    """Backbone + method + one head per domain, as the config says (no data needed); with
+    ``data.frames`` the backbone runs frame-wise on clips and pools over time."""
     backbone = create_backbone(config.backbone, load=load_weights)
+    if config.data.frames is not None:
+        backbone = FrameWise(backbone)
     method = make_config(config.method_name, **config.method_kwargs())
     heads = {d: num_classes(d) for d in config.data.domains}
     return api.wrap(backbone, method, heads=heads)
@@ -42,7 +46,9 @@ def domain_splits(config: RunConfig) -> dict[str, list[DomainData]]:
         for key in splits:
             index = getattr(parts, key)
             domain = DomainData(name, source.images[index], source.labels[index], len(source.classes))
-            splits[key].append(domain.resized(config.backbone.img_size))
+            # augmentation crops training images from twice the input size, so they keep their detail
+            size = 2 * config.backbone.img_size if key == "train" and data.augment else config.backbone.img_size
+            splits[key].append(domain.resized(size))
     return splits
 
 
@@ -55,6 +61,7 @@ def build_regime(config: RunConfig, dist: Dist) -> MultiDomainRegime:
         sampling=config.data.sampling,
         temperature=config.data.temperature,
         seed=config.data.seed + config.train.seed,
+        augment=config.data.augment,
         rank=dist.rank,
         world=dist.world,
     )
@@ -92,6 +99,38 @@ def train(config: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         )
     finally:
         shutdown(dist)
+
+
+def pretrain(config: RunConfig, *, progress: bool = True) -> Path | None:
+    """Train a backbone (``method: full_finetune`` on pre-training sources, one head each) and write
+    it to the zoo as ``output.zoo_name`` with its recipe and a training summary; None on ranks > 0."""
+    name = config.output.zoo_name
+    if not name:
+        raise ConfigError("output.zoo_name must name the zoo entry that `loraplex pretrain` writes")
+    if config.method_name != "full_finetune":
+        raise ConfigError(f"pre-training trains the whole backbone: method.name must be full_finetune, not "
+                          f"{config.method_name!r}")  # fmt: skip
+    results = train(config, progress=progress)
+    if not results:
+        return None
+    _, model = load_run(config.output.dir, "final")
+    zoo = zoo_entries()
+    start = zoo.get(config.backbone.name)  # continuing from a zoo entry keeps its architecture
+    architecture = start["architecture"] if start else config.backbone.name
+    kwargs = start["kwargs"] if start else dict(config.backbone.kwargs)
+    log = [json.loads(line) for line in (Path(config.output.dir) / "metrics.jsonl").read_text().splitlines()]
+    last_train = next(r for r in reversed(log) if r["split"] == "train")
+    summary = {
+        "steps": results["steps"],
+        "images_seen": results["steps"] * config.train.batch_size,
+        "train_seconds": round(results["train_seconds"], 1),
+        "final_train": {k: v for k, v in last_train.items() if k not in ("step", "split")},
+        "final_val": results["last"]["val"],
+    }
+    return write_zoo_entry(
+        name, model.backbone, architecture, config.backbone.img_size, kwargs, {"recipe": config.to_dict(),
+                                                                                "summary": summary}
+    )  # fmt: skip
 
 
 def read_run_config(run_dir: str | Path) -> RunConfig:

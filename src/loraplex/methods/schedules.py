@@ -1,0 +1,49 @@
+"""Placement of LoRAs over depth: named schedules resolved once the backbone's depth is known.
+
+A plan is made from a config before any backbone exists, so a named placement cannot be a per-block
+list yet; :class:`Placement` is a :data:`~loraplex.core.inject.RankSchedule` that the engine calls with
+the backbone's number of blocks (counted across Swin stages) at injection time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from ..core.inject import RankSchedule
+
+PlacementName = Literal["uniform", "upper_heavy", "lower_heavy"]
+PLACEMENTS: tuple[str, ...] = ("uniform", "upper_heavy", "lower_heavy")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """``rank`` in the upper or lower half of the blocks, 0 elsewhere.  A half is ``ceil(n / 2)``
+    blocks, so an odd depth puts its middle block in both halves and one block is never left empty."""
+
+    name: PlacementName
+    rank: int
+
+    def __call__(self, num_blocks: int) -> list[int]:
+        half = (num_blocks + 1) // 2
+        if self.name == "upper_heavy":
+            return [0] * (num_blocks - half) + [self.rank] * half
+        if self.name == "lower_heavy":
+            return [self.rank] * half + [0] * (num_blocks - half)
+        return [self.rank] * num_blocks
+
+
+def placed_rank(rank: int | Sequence[int], placement: str, key: str) -> int | list[int] | RankSchedule:
+    """The rank a group gets: an explicit per-block list as given, an int spread by ``placement``.
+
+    ``uniform`` keeps the plain int, which also adapts target layers outside any ``blocks`` container."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"config key {key!r} must be one of {list(PLACEMENTS)}, got {placement!r}")
+    if not isinstance(rank, int):
+        if placement != "uniform":
+            raise ValueError(
+                f"config key {key!r} is {placement!r} but the rank is an explicit per-block list: give one or the other"
+            )
+        return [int(r) for r in rank]
+    return rank if placement == "uniform" else Placement(placement, rank)  # type: ignore[arg-type]
