@@ -315,3 +315,16 @@ def test_download_only_on_request_and_fails_clearly_offline(tmp_path, monkeypatc
         load_source.__wrapped__("fashion", str(tmp_path), download=True)
     with pytest.raises(SourceMissingError, match="not found"):  # no download without download=True
         load_source.__wrapped__("fashion", str(tmp_path))
+
+
+def test_class_balanced_pool_moves_class_frequencies_towards_uniform():
+    from loraplex.data import class_balanced
+
+    labels = torch.tensor([0] * 100 + [1] * 25 + [2] * 4)
+    assert torch.equal(labels[class_balanced(labels, 0.0)], labels)
+    assert torch.bincount(labels[class_balanced(labels, 0.5)]).tolist() == [100, 50, 20]  # ∝ sqrt(n_c)
+    assert torch.bincount(labels[class_balanced(labels, 1.0)]).tolist() == [100, 100, 100]
+    pool = class_balanced(labels, 0.5)
+    assert set(pool.tolist()) == set(range(len(labels)))  # every image stays in the pool
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        class_balanced(labels, 2.0)

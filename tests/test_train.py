@@ -171,6 +171,8 @@ def test_resuming_into_a_run_dir_with_another_config_is_refused(tmp_path):
     train(load_config(tiny_config(tmp_path)), progress=False)
     with pytest.raises(ConfigError, match="different config"):
         train(load_config(tiny_config(tmp_path), ["train.lr=0.5"]), progress=False)
+    resumed = train(load_config(tiny_config(tmp_path), ["train.threads=1"]), progress=False)  # execution only
+    assert resumed["steps"] == 12
 
 
 def _single():

@@ -49,6 +49,7 @@ class DataSection:
     test_per_domain: int | None = None  # None: the whole test split
     sampling: Literal["proportional", "uniform", "temperature"] = "proportional"
     augment: bool = False  # random resized crops, flips, inversion, contrast (used for pre-training)
+    class_balance: float = 0.0  # 0: classes as sampled; 0.5: class frequency ∝ sqrt(size); 1: uniform
     temperature: float = 2.0
     seed: int = 0
     frames: int | None = None  # clips of this many frames (video domains, frame-wise backbone); None: images
@@ -69,6 +70,8 @@ class DataSection:
         if self.test_per_domain is not None:
             _positive("data.test_per_domain", self.test_per_domain)
         _positive("data.temperature", self.temperature)
+        if not 0.0 <= self.class_balance <= 1.0:
+            raise ConfigError(f"data.class_balance must lie in [0, 1], got {self.class_balance}")
 
 
 @dataclass
@@ -85,7 +88,8 @@ class TrainSection:
     checkpoint_every: int = 100
     eval_batch_size: int = 256
     seed: int = 0
-    threads: int | None = None  # torch intra-op threads; None leaves torch's default
+    threads: int | None = None  # torch intra-op threads; None leaves torch's default (not part of the recipe)
+    label_smoothing: float = 0.0
 
     def check(self) -> None:
         for key in ("steps", "batch_size", "eval_every", "checkpoint_every", "eval_batch_size"):
@@ -101,6 +105,8 @@ class TrainSection:
             _positive("train.clip_grad", self.clip_grad)
         if self.threads is not None:
             _positive("train.threads", self.threads)
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"train.label_smoothing must lie in [0, 1), got {self.label_smoothing}")
 
 
 @dataclass

@@ -9,7 +9,7 @@ from .sources import (
     num_classes,
     read_idx,
 )
-from .splits import Splits, split
+from .splits import Splits, class_balanced, split
 from .stream import DomainData, MultiDomainStream, eval_batches, to_tensor_batch
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "MultiDomainStream",
     "SourceMissingError",
     "Splits",
+    "class_balanced",
     "eval_batches",
     "load_source",
     "num_classes",

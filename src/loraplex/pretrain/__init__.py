@@ -1,6 +1,6 @@
 """Offline pre-training data (fractals, clip art) and objectives for small timm backbones."""
 
-from .clipart import ClipartMissingError, balanced_weights, list_clipart, load_clipart
+from .clipart import ClipartMissingError, list_clipart, load_clipart
 from .fractals import IFS, make_fractal_dataset, render_fractals, sample_ifs, sample_systems, sigma_factor
 from .objectives import (
     Augment,
@@ -19,7 +19,6 @@ __all__ = [
     "MultiObjective",
     "SimCLRObjective",
     "SupervisedObjective",
-    "balanced_weights",
     "list_clipart",
     "load_clipart",
     "make_fractal_dataset",

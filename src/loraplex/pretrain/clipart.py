@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CLIPART_ROOT", "ClipartMissingError", "balanced_weights", "list_clipart", "load_clipart"]
+__all__ = ["CLIPART_ROOT", "ClipartMissingError", "list_clipart", "load_clipart"]
 
 CLIPART_ROOT = Path("/usr/share/openclipart/png")
 _INSTALL = "apt-get update && apt-get install -y openclipart-png"
@@ -99,14 +99,3 @@ def load_clipart(
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
         np.savez(cache, images=images, labels=labels, classes=np.array(classes))
     return images, labels, classes
-
-
-def balanced_weights(labels: np.ndarray, power: float = 0.5) -> np.ndarray:
-    """Per-image sampling probabilities ``∝ count(class) ** -power`` (0: as is, 1: classes uniform).
-
-    Clip-art classes range from 21 to 1,853 images; without re-weighting a supervised head learns to
-    answer ``computer/icons`` and ``shapes/stars`` and the backbone learns little else.
-    """
-    counts = np.bincount(labels)
-    w = counts[labels].astype(np.float64) ** -power
-    return w / w.sum()

@@ -42,6 +42,7 @@ class MultiDomainRegime:
         temperature: float,
         seed: int,
         augment: bool = False,
+        label_smoothing: float = 0.0,
         rank: int = 0,
         world: int = 1,
     ) -> None:
@@ -49,6 +50,7 @@ class MultiDomainRegime:
             raise ValueError(f"train.batch_size={batch_size} must be divisible by the {world} processes")
         self.splits = splits
         self.img_size = img_size
+        self.label_smoothing = label_smoothing
         self.augment = None
         if augment:  # batched on the whole batch: per-image PIL transforms would cost more than the model
             from ..pretrain.objectives import Augment
@@ -75,7 +77,12 @@ class MultiDomainRegime:
 
     def loss(self, model: nn.Module, batch: MultiDomainBatch) -> tuple[torch.Tensor, dict[str, float]]:
         out = model(batch.images, task=batch.domains)
-        total = sum(F.cross_entropy(out.logits[t], batch.labels[out.index[t]], reduction="sum") for t in out.logits)
+        total = sum(
+            F.cross_entropy(
+                out.logits[t], batch.labels[out.index[t]], reduction="sum", label_smoothing=self.label_smoothing
+            )
+            for t in out.logits
+        )
         correct = sum(int((out.logits[t].argmax(1) == batch.labels[out.index[t]]).sum()) for t in out.logits)
         n = batch.labels.shape[0]
         return total / n, {"acc": correct / n}

@@ -12,7 +12,7 @@ import yaml
 from .. import api
 from ..config import ConfigError, RunConfig, dump_config, from_dict
 from ..core.model import AdaptedModel
-from ..data import DomainData, load_source, num_classes, split
+from ..data import DomainData, class_balanced, load_source, num_classes, split
 from ..methods import make_config
 from ..models import FrameWise, create_backbone, write_zoo_entry, zoo_entries
 from .dist import Dist, init_from_env, shutdown
@@ -45,6 +45,8 @@ def domain_splits(config: RunConfig) -> dict[str, list[DomainData]]:
         )
         for key in splits:
             index = getattr(parts, key)
+            if key == "train" and data.class_balance > 0:
+                index = index[class_balanced(source.labels[index], data.class_balance)]
             domain = DomainData(name, source.images[index], source.labels[index], len(source.classes))
             # augmentation crops training images from twice the input size, so they keep their detail
             size = 2 * config.backbone.img_size if key == "train" and data.augment else config.backbone.img_size
@@ -62,6 +64,7 @@ def build_regime(config: RunConfig, dist: Dist) -> MultiDomainRegime:
         temperature=config.data.temperature,
         seed=config.data.seed + config.train.seed,
         augment=config.data.augment,
+        label_smoothing=config.train.label_smoothing,
         rank=dist.rank,
         world=dist.world,
     )
@@ -73,7 +76,7 @@ def prepare_run_dir(config: RunConfig, dist: Dist) -> Path:
     text = dump_config(config)
     saved = run_dir / CONFIG_FILE
     if saved.exists():
-        if yaml.safe_load(saved.read_text()) != yaml.safe_load(text):
+        if _recipe(yaml.safe_load(saved.read_text())) != _recipe(yaml.safe_load(text)):
             raise ConfigError(
                 f"{run_dir} already holds a run with a different config; resume with the same config "
                 "or choose another output.dir (e.g. --set output.dir=runs/new)"
@@ -82,6 +85,11 @@ def prepare_run_dir(config: RunConfig, dist: Dist) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         saved.write_text(text)
     return run_dir
+
+
+def _recipe(raw: dict) -> dict:
+    """A config without its execution-only keys: a run may resume with another thread count."""
+    return {**raw, "train": {k: v for k, v in raw["train"].items() if k != "threads"}}
 
 
 def train(config: RunConfig, *, progress: bool = True) -> dict[str, Any]:
