@@ -263,3 +263,15 @@ def test_pretrain_writes_a_zoo_entry_that_loads_by_name_and_is_checked(tmp_path,
     weights.write_bytes(weights.read_bytes()[:-8] + b"corrupt!")
     with pytest.raises(BackboneError, match="sha256"):
         create_backbone(BackboneSection(name="tiny_zoo"))
+
+
+def test_the_demo_trains_checks_the_engine_and_writes_the_report(tmp_path, capsys):
+    from loraplex import demo
+
+    demo.main(["--config", str(tiny_config(tmp_path, train={"steps": 4, "warmup_steps": 1}))])
+    out = capsys.readouterr().out
+    assert "pixels+LR" in out and "mnist" in out
+    assert "reloaded adapters give identical logits: True" in out
+    diffs = [float(line.rsplit(" ", 1)[1]) for line in out.splitlines() if "max |diff|" in line]
+    assert len(diffs) == 2 and max(diffs) < 1e-4  # merged and PEFT paths reproduce the model
+    assert (tmp_path / "run" / "report" / "report.html").exists()

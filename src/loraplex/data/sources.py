@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -242,11 +243,13 @@ def _cache_dir() -> Path:
 def _load_clipart(root: str | None) -> ImageSource:
     """Debian's openclipart-png (no benchmark uses it), 61 sub-categories, 64 px grey on white; the
     decoded arrays are cached, since decoding 8,000 PNGs takes minutes."""
-    from ..pretrain.clipart import CLIPART_ROOT, ClipartMissingError, load_clipart
+    from .clipart import CLIPART_ROOT, ClipartMissingError, load_clipart
 
+    directory = Path(root or CLIPART_ROOT).resolve()
+    key = hashlib.sha1(str(directory).encode()).hexdigest()[:10]  # a cache per source directory
     try:
         images, labels, classes = load_clipart(
-            size=PRETRAIN_SIZE, root=root or CLIPART_ROOT, cache=_cache_dir() / f"clipart-{PRETRAIN_SIZE}-grey.npz"
+            size=PRETRAIN_SIZE, root=directory, cache=_cache_dir() / f"clipart-{PRETRAIN_SIZE}-grey-{key}.npz"
         )
     except ClipartMissingError as err:
         raise SourceMissingError(str(err)) from err
@@ -256,7 +259,7 @@ def _load_clipart(root: str | None) -> ImageSource:
 def _load_fractals(name: str) -> ImageSource:
     """Formula-driven fractals after FractalDB: ``fractals:<classes>x<per_class>`` (default 1000x50),
     rendered deterministically (seed 0) and cached."""
-    from ..pretrain.fractals import make_fractal_dataset
+    from .fractals import make_fractal_dataset
 
     spec = name.removeprefix("fractals").removeprefix(":") or "1000x50"
     try:

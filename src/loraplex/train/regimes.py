@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from ..core.model import AdaptedModel
 from ..data import DomainData, MultiDomainStream, eval_batches, to_tensor_batch
+from ..data.augment import Augment
 
 
 @dataclass
@@ -52,9 +53,7 @@ class MultiDomainRegime:
         self.img_size = img_size
         self.label_smoothing = label_smoothing
         self.augment = None
-        if augment:  # batched on the whole batch: per-image PIL transforms would cost more than the model
-            from ..pretrain.objectives import Augment
-
+        if augment:
             self.augment = Augment(size=img_size, channels=3)
         self.eval_batch_size = eval_batch_size
         self.stream = MultiDomainStream(

@@ -1,0 +1,86 @@
+"""Acceptance of a zoo backbone: does offline pre-training beat random init where this library is used?
+
+For fashion-1k and mnist-1k separately (1,000 training images, 200 validation, 2,000 test): linear
+probe, LoRA (r=8 on qkv/proj/fc1/fc2) and full fine-tuning, each from the zoo backbone and from the
+same architecture at random init, beside logistic regression on raw pixels; mean ± std over seeds.
+
+    python benchmarks/backbone_acceptance.py --backbone vit_clipart_tiny      # 3 seeds
+    python benchmarks/backbone_acceptance.py --quick                          # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from common import Row, machine, markdown, pixel_floor, run_table
+
+from loraplex.models import zoo_entries
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "backbone_acceptance.yaml"
+REGIMES = {
+    "linear probe": ({"name": "linear_probe"}, 5e-3),
+    "LoRA r=8": ({"name": "lora", "rank": 8, "target_modules": ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]}, 2e-3),
+    "full fine-tuning": ({"name": "full_finetune"}, 5e-4),
+}
+
+
+def rows(backbone: str) -> list[Row]:
+    """Each regime from the zoo weights and from the zoo architecture at random init."""
+    entry = zoo_entries()[backbone]
+    random_init = {"name": entry["architecture"], "img_size": entry["img_size"], "kwargs": entry["kwargs"]}
+    out = []
+    for regime, (method, lr) in REGIMES.items():
+        for init, section in (("pre-trained", {"name": backbone}), ("random init", random_init)):
+            out.append(Row(f"{regime} · {init}", {"method": method, "backbone": section}, {"train": {"lr": lr}}))
+    return out
+
+
+def _empty(run: dict) -> dict:
+    return {"best": {"test": {}}, "last": {"test": {}}, "train_seconds": 0.0, "params": run["params"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbone", default="vit_clipart_tiny", help="zoo entry to test")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/backbone_acceptance"))
+    parser.add_argument("--quick", action="store_true", help="1 seed, 20 steps, 100 training images")
+    args = parser.parse_args()
+    seeds = args.seeds[:1] if args.quick else args.seeds
+    merged: dict[str, list[dict]] = {}
+    for dataset in ("fashion", "mnist"):
+
+        def tweak(base: dict, dataset: str = dataset) -> None:
+            base["data"]["domains"] = [dataset]
+            if args.quick:
+                base["train"].update(steps=20, warmup_steps=2, eval_every=10, checkpoint_every=10)
+                base["data"].update(train_per_domain=100, val_per_domain=20, test_per_domain=100)
+
+        table = {"logistic regression on raw pixels": pixel_floor(CONFIG, seeds, tweak)}
+        table |= run_table(CONFIG, rows(args.backbone), seeds, args.out / dataset, tweak)
+        for name, runs in table.items():  # one row for both datasets: per-dataset columns, their mean
+            slots = merged.setdefault(name, [_empty(run) for run in runs])
+            for slot, run in zip(slots, runs, strict=True):
+                slot["train_seconds"] += run["train_seconds"]
+                for which in ("best", "last"):
+                    slot[which]["test"][f"acc/{dataset}"] = run[which]["test"][f"acc/{dataset}"]
+    for slots in merged.values():
+        for slot in slots:
+            for which in ("best", "last"):
+                test = slot[which]["test"]
+                test["acc/mean"] = (test["acc/fashion"] + test["acc/mnist"]) / 2
+    text = "\n\n".join(
+        [
+            f"Machine: {machine()}. Seeds: {seeds}. Backbone: {args.backbone}. "
+            "Config: configs/backbone_acceptance.yaml",
+            "Test accuracy (%) at the best validation step:\n\n" + markdown(merged, ["fashion", "mnist"], "best"),
+        ]
+    )
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "table.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
