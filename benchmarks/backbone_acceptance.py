@@ -2,7 +2,8 @@
 
 For fashion-1k and mnist-1k separately (1,000 training images, 200 validation, 2,000 test): linear
 probe, LoRA (r=8 on qkv/proj/fc1/fc2) and full fine-tuning, each from the zoo backbone and from the
-same architecture at random init, beside logistic regression on raw pixels; mean ± std over seeds.
+same architecture at random init, beside the two floors (logistic regression on raw pixels, a small CNN
+from scratch with the same step budget); mean ± std over seeds.
 
     python benchmarks/backbone_acceptance.py --backbone vit_clipart_tiny      # 3 seeds
     python benchmarks/backbone_acceptance.py --quick                          # smoke run
@@ -13,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common import Row, machine, markdown, pixel_floor, run_table
+from common import CNN_FLOOR, Row, machine, markdown, pixel_floor, run_table
 
 from loraplex.models import zoo_entries
 
@@ -29,7 +30,7 @@ def rows(backbone: str) -> list[Row]:
     """Each regime from the zoo weights and from the zoo architecture at random init."""
     entry = zoo_entries()[backbone]
     random_init = {"name": entry["architecture"], "img_size": entry["img_size"], "kwargs": entry["kwargs"]}
-    out = []
+    out = [CNN_FLOOR]
     for regime, (method, lr) in REGIMES.items():
         for init, section in (("pre-trained", {"name": backbone}), ("random init", random_init)):
             out.append(Row(f"{regime} · {init}", {"method": method, "backbone": section}, {"train": {"lr": lr}}))

@@ -30,6 +30,15 @@ class Row:
     update: dict[str, dict[str, Any]] = field(default_factory=dict)  # keys within sections
 
 
+# The second floor of every table (benchmarks.md, "Reference floors"): a small CNN from scratch, same data
+# and step budget as the rows it sits beside.
+CNN_FLOOR = Row(
+    "small CNN from scratch (resnet10t)",
+    {"backbone": {"name": "resnet10t", "img_size": 32}, "method": {"name": "full_finetune"}},
+    {"train": {"lr": 1e-3}},
+)
+
+
 def row_config(base: dict, row: Row, seed: int, out_dir: Path) -> dict:
     raw = copy.deepcopy(base)
     raw.update(copy.deepcopy(row.replace))

@@ -5,8 +5,8 @@ scratch with the same step budget), linear probe, full fine-tuning, one shared L
 domain, shared + per-domain LoRA.  Every run goes through ``loraplex.train`` with
 ``configs/three_domain.yaml``; finished runs are read back, so an interrupted benchmark resumes.
 
-    python benchmarks/three_domain.py                       # 3 seeds, the config's backbone
-    python benchmarks/three_domain.py --backbone vit_fractal_tiny
+    python benchmarks/three_domain.py                       # 3 seeds, the zoo ViT
+    python benchmarks/three_domain.py --backbone swin_clipart_tiny
     python benchmarks/three_domain.py --quick               # smoke run: 1 seed, 20 steps, tiny splits
 """
 
@@ -16,14 +16,13 @@ import argparse
 import json
 from pathlib import Path
 
-from common import Row, machine, markdown, pixel_floor, run_table
+from common import CNN_FLOOR, Row, machine, markdown, pixel_floor, run_table
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "three_domain.yaml"
 LORA_LR = {"train": {"lr": 2e-3}}
 TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]  # every LoRA row adapts the same layers
 ROWS = [
-    Row("small CNN from scratch (resnet10t)", {"backbone": {"name": "resnet10t", "img_size": 32},
-                                               "method": {"name": "full_finetune"}}, {"train": {"lr": 1e-3}}),
+    CNN_FLOOR,
     Row("linear probe", {"method": {"name": "linear_probe"}}, {"train": {"lr": 5e-3}}),
     Row("full fine-tuning", {"method": {"name": "full_finetune"}}, {"train": {"lr": 5e-4}}),
     Row("one shared LoRA (r=8)", {"method": {"name": "lora", "rank": 8, "target_modules": TARGETS}}, LORA_LR),

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from loraplex import cli
@@ -22,28 +21,7 @@ from loraplex.config import ConfigError, from_dict, load_config
 from loraplex.train import TrainingDiverged, fit
 from loraplex.train.runner import build_model, build_regime, train
 
-TINY = {
-    "backbone": {
-        "name": "vit_tiny_patch16_224",
-        "img_size": 16,
-        "kwargs": {"patch_size": 4, "embed_dim": 48, "depth": 2, "num_heads": 3},
-    },
-    "method": {"name": "shared_specific", "rank": 2, "target_modules": ["attn.qkv", "mlp.fc1"]},
-    "data": {"domains": ["digits", "mnist"], "train_per_domain": 120, "val_per_domain": 40, "test_per_domain": 60},
-    "train": {"steps": 12, "batch_size": 16, "warmup_steps": 2, "eval_every": 4, "checkpoint_every": 4, "lr": 3e-3},
-    "output": {"tensorboard": False},
-}
-
-
-def tiny_config(tmp_path: Path, **sections) -> Path:
-    raw = json.loads(json.dumps(TINY))
-    for section, values in sections.items():
-        raw[section] = values if section == "method" else {**raw[section], **values}
-    raw["output"].setdefault("dir", str(tmp_path / "run"))
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+from .tiny import TINY, tiny_config
 
 
 def adapters(run_dir: Path, which: str = "final") -> dict[str, torch.Tensor]:

@@ -3,19 +3,25 @@ frame-wise wrapper under mixed batches, and the offline motion benchmark generat
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import loraplex as lp
+from loraplex import cli
+from loraplex.config import ConfigError, from_dict
 from loraplex.data import SourceMissingError
+from loraplex.data.domains import PARTS, domain_classes, domain_parts
 from loraplex.data.motion import PATTERNS, motion_clips
-from loraplex.data.video import VideoDataset, hmdb51, kinetics400, segment_indices, ucf101
+from loraplex.data.video import VideoDomain, VideoList, hmdb51, kinetics400, segment_indices, ucf101
 from loraplex.models import FrameWise
+from loraplex.train.runner import evaluate_run, load_run, train
 
-from .tiny import TASKS, randomize_adapters, tiny_vit
+from .tiny import TASKS, randomize_adapters, tiny_config, tiny_vit
 
 av = pytest.importorskip("av")
 
@@ -38,6 +44,11 @@ def write_video(path: Path, num_frames: int, codec: str = "mpeg4") -> Path:
 
 def frame_ids(clip: torch.Tensor) -> list[int]:
     return [round(float(f.float().mean()) / STEP) for f in clip]
+
+
+def clip_of(videos: VideoList, row: int, frames: int, size: int, step: int | None = None) -> torch.Tensor:
+    domain = VideoDomain(videos.name, videos, list(range(len(videos))), frames=frames, size=size)
+    return domain.take(torch.tensor([row]), step=step)[0]
 
 
 def test_segment_sampling_centres_offsets_and_short_videos():
@@ -76,25 +87,27 @@ def test_ucf101_layout_reads_back_with_centre_frames(tmp_path):
     assert train.classes == ["ApplyEyeMakeup", "HandstandPushups"] and train.labels == [0, 1]
     test = ucf101(tmp_path, "test")
     assert test.labels == [1]
-    clip, label = VideoDataset(train, frames=4, size=16)[1]
-    assert clip.dtype == torch.uint8 and clip.shape == (4, 16, 16, 3) and label == 1
+    clip = clip_of(train, 1, frames=4, size=16)
+    assert clip.dtype == torch.uint8 and clip.shape == (4, 16, 16, 3)
     assert frame_ids(clip) == segment_indices(12, 4, train=False) == [1, 4, 7, 10]
     with pytest.raises(SourceMissingError, match=r"trainlist02\.txt"):
         ucf101(tmp_path, "train", fold=2)
 
 
-def test_training_clips_are_deterministic_from_the_seed(tmp_path):
+def test_training_clips_depend_on_seed_step_and_video_only(tmp_path):
     make_ucf(tmp_path)
     videos = ucf101(tmp_path, "train")
-    a, b = VideoDataset(videos, 3, 16, train=True, seed=5), VideoDataset(videos, 3, 16, train=True, seed=5)
-    assert torch.equal(a[1][0], b[1][0])
-    ids = frame_ids(a[1][0])
+    a = VideoDomain("ucf101", videos, [0, 1], frames=3, size=16, seed=5)
+    b = VideoDomain("ucf101", videos, [0, 1], frames=3, size=16, seed=5)
+    assert a.sample_shape == (3, 16, 16, 3) and a.labels.tolist() == [0, 1] and a.num_classes == 2
+    both = a.take(torch.tensor([0, 1]), step=7)
+    # the same clip whatever else is drawn with it: rank shards decode what one process would
+    assert torch.equal(both[1], b.take(torch.tensor([1]), step=7)[0])
+    ids = frame_ids(both[1])
     assert all(lo <= i < hi for i, (lo, hi) in zip(ids, [(0, 4), (4, 8), (8, 12)], strict=True))
-    seen = {tuple(a.indices(1))}
-    for epoch in range(1, 6):
-        a.set_epoch(epoch)
-        seen.add(tuple(a.indices(1)))
-    assert len(seen) > 1
+    assert len({tuple(a.frame_indices(1, step)) for step in range(8)}) > 1  # new offsets as training goes on
+    assert frame_ids(a.take(torch.tensor([1]))[0]) == [2, 6, 10]  # evaluation: segment centres
+    assert a.resized(8).take(torch.tensor([0])).shape == (1, 3, 8, 8, 3)
 
 
 def test_hmdb51_split_labels(tmp_path):
@@ -109,7 +122,7 @@ def test_hmdb51_split_labels(tmp_path):
     assert train.classes == ["brush_hair", "cartwheel"]
     assert [p.name for p in train.paths] == ["brush_hair_a.avi", "cartwheel_a.avi"] and train.labels == [0, 1]
     assert [p.name for p in test.paths] == ["brush_hair_b.avi", "cartwheel_b.avi"]
-    assert VideoDataset(test, 2, 8)[1][0].shape == (2, 8, 8, 3)
+    assert clip_of(test, 1, frames=2, size=8).shape == (2, 8, 8, 3)
     (tmp_path / "cartwheel" / "cartwheel_b.avi").unlink()
     with pytest.raises(SourceMissingError, match=r"1 of 2 videos .*cartwheel_b\.avi"):
         hmdb51(tmp_path, "test")
@@ -130,8 +143,7 @@ def test_kinetics_csv_with_label_dirs_and_flat_dirs(tmp_path):
     train = kinetics400(tmp_path, "train")
     assert train.classes == ["abseiling", "riding a bike"] and train.labels == [1, 0]
     val = kinetics400(tmp_path, "val")
-    clip, label = VideoDataset(val, 3, 16)[0]
-    assert label == 0 and frame_ids(clip) == [1, 3, 5]
+    assert val.labels == [0] and frame_ids(clip_of(val, 0, frames=3, size=16)) == [1, 3, 5]
     with pytest.raises(SourceMissingError, match=r"test\.csv"):
         kinetics400(tmp_path, "test")
 
@@ -191,3 +203,81 @@ def test_motion_clips_are_deterministic_and_the_pattern_is_the_class():
         else:  # circle: the centroid goes round and comes back
             assert (c - c.mean(0)).norm(dim=1).min() > 1.5
             assert (c[-1] - c[0]).norm() < 2
+
+
+# ---- video domains in runs ------------------------------------------------------------------------
+def make_ucf_two_classes(root: Path, train_per_class: int = 3, test_per_class: int = 2) -> None:
+    lists = root / "ucfTrainTestlist"
+    lists.mkdir(parents=True)
+    (lists / "classInd.txt").write_text("1 Archery\n2 Bowling\n")
+    train_lines, test_lines = [], []
+    for label, cls in enumerate(["Archery", "Bowling"], start=1):
+        for g in range(train_per_class + test_per_class):
+            rel = f"{cls}/v_{cls}_g{g:02d}_c01.avi"
+            write_video(root / rel, 6 + g)
+            (train_lines.append(f"{rel} {label}") if g < train_per_class else test_lines.append(rel))
+    (lists / "trainlist01.txt").write_text("\n".join(train_lines) + "\n")
+    (lists / "testlist01.txt").write_text("\n".join(test_lines) + "\n")
+
+
+def test_motion_domain_is_balanced_deterministic_clips_per_split():
+    parts = domain_parts("motion:digits", root=None, seed=0, train=40, val=16, test=24, size=16, frames=4)
+    assert [len(parts[p]) for p in PARTS] == [40, 16, 24]
+    assert parts["train"].sample_shape == (4, 16, 16) and parts["train"].num_classes == len(PATTERNS)
+    assert torch.bincount(parts["train"].labels).tolist() == [5] * len(PATTERNS)
+    again = domain_parts("motion:digits", root=None, seed=0, train=40, val=16, test=24, size=16, frames=4)
+    other = domain_parts("motion:digits", root=None, seed=1, train=40, val=16, test=24, size=16, frames=4)
+    assert torch.equal(parts["test"].images, again["test"].images)
+    assert not torch.equal(parts["test"].images, other["test"].images)
+    assert domain_classes("motion:fashion") == len(PATTERNS) and domain_classes("ucf101:2") == 101
+
+
+def test_video_layout_domain_carves_val_from_train_and_tests_on_the_official_list(tmp_path):
+    make_ucf_two_classes(tmp_path)
+    parts = domain_parts("ucf101", root=str(tmp_path), seed=0, train=None, val=2, test=None, size=8, frames=2)
+    train, val, test = (parts[p] for p in PARTS)
+    names = {p: {train.videos.paths[r].name for r in parts[p].rows} for p in PARTS}
+    assert len(names["train"]) == 4 and len(names["val"]) == 2 and len(names["test"]) == 4
+    assert not (names["train"] & names["val"]) and not (names["train"] | names["val"]) & names["test"]
+    assert all(int(n.split("_g")[1][:2]) >= 3 for n in names["test"])  # the official test videos (g03, g04)
+    assert sorted(val.labels.tolist()) == [0, 1] and test.take(torch.tensor([0, 3])).shape == (2, 2, 8, 8, 3)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "error", "match"),
+    [
+        ("motion:digits", {"frames": None}, ValueError, "set data.frames"),
+        ("digits", {"frames": 4}, ValueError, "use motion:digits"),
+        ("motion:digits", {"frames": 4, "augment": True}, ValueError, "flips and crops"),
+        ("ucf101", {"frames": 4}, SourceMissingError, r"data\.roots\.ucf101"),
+        ("hmdb51:x", {"frames": 4}, ValueError, "split fold"),
+    ],
+)
+def test_video_domain_errors_say_what_to_set(name, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        domain_parts(name, root=None, seed=0, train=8, val=4, test=8, size=16, **kwargs)
+
+
+def test_a_video_run_trains_from_the_cli_and_reloads_frame_wise(tmp_path):
+    make_ucf_two_classes(tmp_path / "ucf")
+    config = tiny_config(
+        tmp_path,
+        data={
+            "domains": ["motion:digits", "ucf101"],
+            "roots": {"ucf101": str(tmp_path / "ucf")},
+            "frames": 3,
+            "train_per_domain": 4,
+            "val_per_domain": 2,
+            "test_per_domain": 4,
+        },
+        train={"steps": 4, "batch_size": 4, "warmup_steps": 1, "eval_every": 2, "checkpoint_every": 2},
+    )
+    assert cli.main(["train", str(config), "--no-progress"]) == 0
+    run = tmp_path / "run"
+    results = json.loads((run / "results.json").read_text())
+    assert set(results["best"]["test"]) == {"acc/motion:digits", "acc/ucf101", "acc/mean"}
+    config_back, model = load_run(run)
+    assert isinstance(model.backbone, FrameWise) and config_back.data.frames == 3
+    assert evaluate_run(run, "best") == pytest.approx(results["best"]["test"])
+    with pytest.raises(ConfigError, match=r"data: .*use motion:digits"):
+        train(from_dict({**yaml.safe_load(config.read_text()), "data": {"domains": ["digits"], "frames": 3}}))

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import timm
 import torch
+import yaml
 from torch import nn
 
 import loraplex as lp
@@ -60,3 +64,28 @@ def build(method: str, kind: str = "vit", seed: int = 0, randomize: bool = True,
     if randomize:
         randomize_adapters(model)
     return model.eval()
+
+
+# A tiny run config (two real domains, a 2-block ViT at 16 px) that trains in seconds.
+TINY = {
+    "backbone": {
+        "name": "vit_tiny_patch16_224",
+        "img_size": 16,
+        "kwargs": {"patch_size": 4, "embed_dim": 48, "depth": 2, "num_heads": 3},
+    },
+    "method": {"name": "shared_specific", "rank": 2, "target_modules": ["attn.qkv", "mlp.fc1"]},
+    "data": {"domains": ["digits", "mnist"], "train_per_domain": 120, "val_per_domain": 40, "test_per_domain": 60},
+    "train": {"steps": 12, "batch_size": 16, "warmup_steps": 2, "eval_every": 4, "checkpoint_every": 4, "lr": 3e-3},
+    "output": {"tensorboard": False},
+}
+
+
+def tiny_config(tmp_path: Path, **sections) -> Path:
+    raw = json.loads(json.dumps(TINY))
+    for section, values in sections.items():
+        raw[section] = values if section == "method" else {**raw[section], **values}
+    raw["output"].setdefault("dir", str(tmp_path / "run"))
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path

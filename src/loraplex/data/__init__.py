@@ -10,7 +10,7 @@ from .sources import (
     read_idx,
 )
 from .splits import Splits, class_balanced, split
-from .stream import DomainData, MultiDomainStream, eval_batches, to_tensor_batch
+from .stream import DomainData, MultiDomainStream, eval_batches, to_model_input, to_tensor_batch
 
 __all__ = [
     "FASHION_ROOT",
@@ -26,5 +26,6 @@ __all__ = [
     "num_classes",
     "read_idx",
     "split",
+    "to_model_input",
     "to_tensor_batch",
 ]

@@ -72,5 +72,3 @@ class Augment:
             flip = (torch.rand(b, 1, 1, 1, device=dev) < self.invert).float()
             x = flip * (1 - x) + (1 - flip) * x
         return (x - 0.5) / 0.5  # the normalisation of to_tensor_batch
-
-

@@ -35,34 +35,67 @@ def to_tensor_batch(images_uint8: torch.Tensor, size: int, channels: int = 3) ->
     return (x - 0.5) / 0.5
 
 
+def to_model_input(samples_uint8: torch.Tensor, size: int, frames: int | None = None) -> torch.Tensor:
+    """`to_tensor_batch` for images, or for clips `[B, T, H, W(, 3)]` when `frames` is set: frames are folded
+    into the batch for the conversion and unfolded again, giving `[B, T, 3, size, size]`."""
+    if frames is None:
+        return to_tensor_batch(samples_uint8, size)
+    batch = samples_uint8.shape[0]
+    return to_tensor_batch(samples_uint8.flatten(0, 1), size).unflatten(0, (batch, -1))
+
+
 @dataclass
 class DomainData:
-    """One domain of a multi-domain run: CPU uint8 images (`[N, H, W]` or `[N, H, W, 3]`), int64 labels."""
+    """One domain of a multi-domain run: CPU uint8 samples and int64 labels.
+
+    Samples are images `[N, H, W]` / `[N, H, W, 3]`, or clips `[N, T, H, W]` / `[N, T, H, W, 3]` when `frames`
+    is set.  Everything reads them through `take`, which is what lets a subclass decode on demand
+    (:class:`loraplex.data.video.VideoDomain`) instead of holding every sample in memory.
+    """
 
     name: str
     images: torch.Tensor
     labels: torch.Tensor
     num_classes: int
+    frames: int | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.images.shape[1:])
+
+    @property
+    def rgb(self) -> bool:
+        return len(self.sample_shape) == (4 if self.frames else 3)
+
+    def take(self, rows: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        """The samples at `rows`; `step` is the training step drawing them (None in evaluation), for
+        domains whose samples are random per draw (video segment offsets)."""
+        return self.images.index_select(0, rows)
+
     def resized(self, size: int, channels: int | None = None) -> DomainData:
         """The same domain at `size`×`size` uint8 (`channels` 1 or 3, default unchanged), so domains of different
         native sizes can share one stream."""
-        channels = channels or (3 if self.images.dim() == 4 else 1)
+        channels = channels or (3 if self.rgb else 1)
+        flat = self.images.flatten(0, 1) if self.frames else self.images
         chunks = []
-        for start in range(0, len(self), 4096):
-            x = to_tensor_batch(self.images[start : start + 4096], size, channels)
+        for start in range(0, len(flat), 4096):
+            x = to_tensor_batch(flat[start : start + 4096], size, channels)
             x = (x * 127.5 + 127.5).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
             chunks.append(x.squeeze(-1) if channels == 1 else x)
-        return DomainData(self.name, torch.cat(chunks), self.labels, self.num_classes)
+        images = torch.cat(chunks)
+        if self.frames:
+            images = images.unflatten(0, (len(self), -1))
+        return DomainData(self.name, images, self.labels, self.num_classes, self.frames)
 
 
 def eval_batches(domain: DomainData, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(images, labels) batches of `domain` in order, every image exactly once."""
+    """(samples, labels) batches of `domain` in order, every sample exactly once."""
     for start in range(0, len(domain), batch_size):
-        yield domain.images[start : start + batch_size], domain.labels[start : start + batch_size]
+        rows = torch.arange(start, min(start + batch_size, len(domain)))
+        yield domain.take(rows), domain.labels[start : start + batch_size]
 
 
 def _probabilities(sizes: list[int], sampling: Sampling, temperature: float) -> np.ndarray:
@@ -103,7 +136,7 @@ class MultiDomainStream:
     ) -> None:
         if not domains or any(len(d) == 0 for d in domains):
             raise ValueError("MultiDomainStream needs at least one domain and no empty domains")
-        shapes = {d.name: tuple(d.images.shape[1:]) for d in domains}
+        shapes = {d.name: d.sample_shape for d in domains}
         if len(set(shapes.values())) > 1:
             raise ValueError(f"domains have different image shapes {shapes}; bring them to one with DomainData.resized")
         if batch_size % world_size or not 0 <= rank < world_size:
@@ -147,12 +180,12 @@ class MultiDomainStream:
         self.step += 1
         ids = torch.from_numpy(domain_ids[self.rank :: self.world_size].astype(np.int64))
         idx = torch.from_numpy(index[self.rank :: self.world_size])
-        images = torch.empty((len(ids), *self.domains[0].images.shape[1:]), dtype=torch.uint8)
+        images = torch.empty((len(ids), *self.domains[0].sample_shape), dtype=torch.uint8)
         labels = torch.empty(len(ids), dtype=torch.int64)
         for d, domain in enumerate(self.domains):  # index_select/index_copy_: far faster than advanced indexing
             positions = torch.nonzero(ids == d).squeeze(1)
             rows = idx.index_select(0, positions)
-            images.index_copy_(0, positions, domain.images.index_select(0, rows))
+            images.index_copy_(0, positions, domain.take(rows, step=self.step - 1))
             labels.index_copy_(0, positions, domain.labels.index_select(0, rows))
         return images, labels, ids
 

@@ -15,7 +15,7 @@ Layouts (``root`` is the dataset's top directory):
 
 A clip is ``T`` frames from ``T`` equal segments (TSN, Wang et al. 2016): a random frame per segment
 in training, each segment's centre in evaluation; the randomness is a function of
-``(seed, epoch, index)`` only.  Frames come back as uint8 ``[T, size, size, 3]``.
+``(seed, step, video)`` only.  Clips come back as uint8 ``[T, size, size, 3]``.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from typing import Literal
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from .sources import SourceMissingError
+from .stream import DomainData
 
 PYAV_INSTALL = "pip install av"
 Split = Literal["train", "test", "val"]
@@ -243,33 +243,42 @@ def _rgb(frame, size: int) -> np.ndarray:
     return frame.to_ndarray(format="rgb24", width=size, height=size, interpolation="BILINEAR")
 
 
-class VideoDataset(Dataset):
-    """``(clip uint8 [T, size, size, 3], label)`` per video; training offsets from ``(seed, epoch, index)``."""
+class VideoDomain(DomainData):
+    """A video dataset as a training domain: clips decoded on demand (``T`` frames, ``size`` px, RGB), never
+    all held in memory (a Kinetics split would not fit).
 
-    def __init__(self, videos: VideoList, frames: int = 8, size: int = 224, *, train: bool = False, seed: int = 0):
+    ``take(rows, step)`` decodes each clip with TSN sampling: centre frames in evaluation
+    (``step=None``), random offsets in training drawn from ``(seed, step, video)`` — a function of the
+    stream's position only, so a resumed or rank-sharded run decodes exactly the frames an uninterrupted
+    one-process run would.  ``images`` is empty: the samples live in the video files.
+    """
+
+    def __init__(self, name: str, videos: VideoList, rows: list[int], *, frames: int, size: int, seed: int = 0) -> None:
         if frames < 1 or size < 1:
             raise ValueError(f"frames and size must be ≥ 1, got {frames} and {size}")
-        self.videos, self.frames, self.size, self.train, self.seed = videos, frames, size, train, seed
-        self.epoch = 0
+        labels = torch.tensor([videos.labels[r] for r in rows], dtype=torch.int64)
+        super().__init__(name, torch.empty(0, dtype=torch.uint8), labels, len(videos.classes), frames)
+        self.videos, self.rows, self.size, self.seed = videos, list(rows), size, seed
         self._counts: dict[int, int] = {}
 
     @property
-    def classes(self) -> list[str]:
-        return self.videos.classes
+    def sample_shape(self) -> tuple[int, ...]:
+        return (self.frames, self.size, self.size, 3)
 
-    def set_epoch(self, epoch: int) -> None:
-        """New training offsets each epoch, reproducible from the seed."""
-        self.epoch = epoch
+    def frame_indices(self, row: int, step: int | None = None) -> list[int]:
+        """The frames clip ``row`` is made of when drawn at training ``step`` (None: evaluation)."""
+        video = self.rows[row]
+        if video not in self._counts:
+            self._counts[video] = count_frames(self.videos.paths[video])
+        rng = None if step is None else np.random.default_rng((self.seed, step, video))
+        return segment_indices(self._counts[video], self.frames, train=step is not None, rng=rng)
 
-    def __len__(self) -> int:
-        return len(self.videos)
+    def take(self, rows: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        paths = self.videos.paths
+        clips = [read_frames(paths[self.rows[r]], self.frame_indices(r, step), self.size) for r in rows.tolist()]
+        return torch.from_numpy(np.stack(clips)) if clips else torch.empty((0, *self.sample_shape), dtype=torch.uint8)
 
-    def indices(self, index: int) -> list[int]:
-        if index not in self._counts:
-            self._counts[index] = count_frames(self.videos.paths[index])
-        rng = np.random.default_rng((self.seed, self.epoch, index)) if self.train else None
-        return segment_indices(self._counts[index], self.frames, train=self.train, rng=rng)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        clip = read_frames(self.videos.paths[index], self.indices(index), self.size)
-        return torch.from_numpy(clip), self.videos.labels[index]
+    def resized(self, size: int, channels: int | None = None) -> VideoDomain:
+        if channels not in (None, 3):
+            raise ValueError("video clips are decoded as RGB")
+        return VideoDomain(self.name, self.videos, self.rows, frames=self.frames, size=size, seed=self.seed)

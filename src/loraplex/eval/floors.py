@@ -7,14 +7,17 @@ backbone ``resnet10t`` from timm, method ``full_finetune``; see ``benchmarks/thr
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-from ..data import DomainData
+from ..data import DomainData, eval_batches
 
 C_GRID = (0.01, 0.1, 1.0)
 
 
 def _pixels(domain: DomainData) -> np.ndarray:
-    return domain.images.reshape(len(domain), -1).numpy().astype(np.float32) / 255.0
+    """Every sample (image or whole clip, in evaluation form) as one flat row in [0, 1]."""
+    samples = torch.cat([batch for batch, _ in eval_batches(domain, 1024)])
+    return samples.reshape(len(domain), -1).numpy().astype(np.float32) / 255.0
 
 
 def pixel_logistic_regression(

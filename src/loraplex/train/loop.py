@@ -195,9 +195,7 @@ def fit(
                 model.save(run_dir / "best")
         barrier(dist)
 
-    bar = tqdm(
-        total=cfg.steps, initial=state.step, desc="train", unit="step", disable=not (progress and dist.is_main)
-    )
+    bar = tqdm(total=cfg.steps, initial=state.step, desc="train", unit="step", disable=not (progress and dist.is_main))
     model.train()
     images, window_start = 0, time.perf_counter()
     for step in range(state.step, cfg.steps):

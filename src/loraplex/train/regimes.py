@@ -1,9 +1,10 @@
 """Training regimes: what the one loop trains on, and how it scores.
 
-``multidomain``: every sample belongs to one domain (task) with its own head; batches mix domains and
-run as one forward with per-sample task ids.  The loss is the mean cross-entropy over the batch's
-samples (every sample weighs the same), so that the gradient of a batch sharded over ranks and
-averaged by DDP equals the gradient of the whole batch in one process.
+``multidomain``: every sample (an image, or a clip for a frame-wise video backbone) belongs to one
+domain (task) with its own head; batches mix domains and run as one forward with per-sample task ids.
+The loss is the mean cross-entropy over the batch's samples (every sample weighs the same), so that
+the gradient of a batch sharded over ranks and averaged by DDP equals the gradient of the whole batch
+in one process.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..core.model import AdaptedModel
-from ..data import DomainData, MultiDomainStream, eval_batches, to_tensor_batch
+from ..data import DomainData, MultiDomainStream, eval_batches, to_model_input
 from ..data.augment import Augment
 
 
@@ -43,6 +44,7 @@ class MultiDomainRegime:
         temperature: float,
         seed: int,
         augment: bool = False,
+        frames: int | None = None,
         label_smoothing: float = 0.0,
         rank: int = 0,
         world: int = 1,
@@ -51,6 +53,7 @@ class MultiDomainRegime:
             raise ValueError(f"train.batch_size={batch_size} must be divisible by the {world} processes")
         self.splits = splits
         self.img_size = img_size
+        self.frames = frames  # clips [B, T, ...] for a frame-wise backbone
         self.label_smoothing = label_smoothing
         self.augment = None
         if augment:
@@ -68,7 +71,7 @@ class MultiDomainRegime:
 
     def next_batch(self) -> MultiDomainBatch:
         images, labels, domains = self.stream.next_batch()
-        x = self.augment(images) if self.augment else to_tensor_batch(images, self.img_size)
+        x = self.augment(images) if self.augment else to_model_input(images, self.img_size, self.frames)
         return MultiDomainBatch(x, labels, domains)
 
     def batch_images(self, batch: MultiDomainBatch) -> int:
@@ -94,7 +97,7 @@ class MultiDomainRegime:
             # homogeneous batches: fold the domain's deltas into W and run at backbone speed
             with model.merged(task=domain.name) if model.mergeable else contextlib.nullcontext():
                 for images, labels in eval_batches(domain, self.eval_batch_size):
-                    logits = model(to_tensor_batch(images, self.img_size), task=domain.name)
+                    logits = model(to_model_input(images, self.img_size, self.frames), task=domain.name)
                     correct += int((logits.argmax(1) == labels).sum())
             metrics[f"acc/{domain.name}"] = correct / len(domain.labels)
         metrics["acc/mean"] = sum(metrics.values()) / len(metrics)

@@ -12,7 +12,8 @@ import yaml
 from .. import api
 from ..config import ConfigError, RunConfig, dump_config, from_dict
 from ..core.model import AdaptedModel
-from ..data import DomainData, class_balanced, load_source, num_classes, split
+from ..data import DomainData, SourceMissingError
+from ..data.domains import PARTS, domain_classes, domain_parts
 from ..methods import make_config
 from ..models import FrameWise, create_backbone, write_zoo_entry, zoo_entries
 from .dist import Dist, init_from_env, shutdown
@@ -22,35 +23,48 @@ from .regimes import MultiDomainRegime
 CONFIG_FILE = "config.yaml"
 
 
-def build_model(config: RunConfig, *, load_weights: bool = True) -> AdaptedModel:
-    """Backbone + method + one head per domain, as the config says (no data needed); with
-    ``data.frames`` the backbone runs frame-wise on clips and pools over time."""
+def build_backbone(config: RunConfig, *, load_weights: bool = True) -> torch.nn.Module:
+    """The config's backbone; with ``data.frames`` it runs frame-wise on clips and pools over time."""
     backbone = create_backbone(config.backbone, load=load_weights)
-    if config.data.frames is not None:
-        backbone = FrameWise(backbone)
+    return backbone if config.data.frames is None else FrameWise(backbone)
+
+
+def build_model(config: RunConfig, *, load_weights: bool = True) -> AdaptedModel:
+    """Backbone + method + one head per domain, as the config says (no data needed)."""
     method = make_config(config.method_name, **config.method_kwargs())
-    heads = {d: num_classes(d) for d in config.data.domains}
-    return api.wrap(backbone, method, heads=heads)
+    heads = {d: domain_classes(d) for d in config.data.domains}
+    return api.wrap(build_backbone(config, load_weights=load_weights), method, heads=heads)
 
 
 def domain_splits(config: RunConfig) -> dict[str, list[DomainData]]:
-    """Deterministic stratified train/val/test per domain (validation carved from training data), resized
-    once to the backbone's input size so that domains of different native sizes share mixed batches."""
+    """Deterministic stratified train/val/test per domain (validation carved from training data), at the
+    backbone's input size and one channel count, so that domains of different native sizes and colours
+    share mixed batches."""
     data = config.data
-    splits: dict[str, list[DomainData]] = {"train": [], "val": [], "test": []}
+    splits: dict[str, list[DomainData]] = {part: [] for part in PARTS}
     for name in data.domains:
-        source = load_source(name, root=data.roots.get(name))
-        parts = split(
-            source, seed=data.seed, train=data.train_per_domain, val=data.val_per_domain, test=data.test_per_domain
-        )
-        for key in splits:
-            index = getattr(parts, key)
-            if key == "train" and data.class_balance > 0:
-                index = index[class_balanced(source.labels[index], data.class_balance)]
-            domain = DomainData(name, source.images[index], source.labels[index], len(source.classes))
-            # augmentation crops training images from twice the input size, so they keep their detail
-            size = 2 * config.backbone.img_size if key == "train" and data.augment else config.backbone.img_size
-            splits[key].append(domain.resized(size))
+        try:
+            parts = domain_parts(
+                name,
+                root=data.roots.get(name),
+                seed=data.seed,
+                train=data.train_per_domain,
+                val=data.val_per_domain,
+                test=data.test_per_domain,
+                size=config.backbone.img_size,
+                frames=data.frames,
+                augment=data.augment,
+                class_balance=data.class_balance,
+            )
+        except SourceMissingError:
+            raise
+        except ValueError as err:  # impossible split sizes, clips without frames, …: the config's fault
+            raise ConfigError(f"data: {err}") from err
+        for part in PARTS:
+            splits[part].append(parts[part])
+    if any(domain.rgb for domain in splits["train"]):  # one stream needs one sample shape: grey joins RGB
+        for part in PARTS:
+            splits[part] = [d if d.rgb else d.resized(d.sample_shape[-1], channels=3) for d in splits[part]]
     return splits
 
 
@@ -64,6 +78,7 @@ def build_regime(config: RunConfig, dist: Dist) -> MultiDomainRegime:
         temperature=config.data.temperature,
         seed=config.data.seed + config.train.seed,
         augment=config.data.augment,
+        frames=config.data.frames,
         label_smoothing=config.train.label_smoothing,
         rank=dist.rank,
         world=dist.world,
@@ -152,7 +167,7 @@ def load_run(run_dir: str | Path, which: str = "best") -> tuple[RunConfig, Adapt
     """The model of a finished run with its ``best`` or ``final`` adapters (fingerprint-checked)."""
     config = read_run_config(run_dir)
     torch.manual_seed(config.train.seed)  # a random-init backbone is rebuilt bit-identical
-    return config, api.load(Path(run_dir) / which, create_backbone(config.backbone)).eval()
+    return config, api.load(Path(run_dir) / which, build_backbone(config)).eval()
 
 
 def evaluate_run(run_dir: str | Path, which: str = "best", split_name: str = "test") -> dict[str, float]:

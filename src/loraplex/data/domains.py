@@ -1,0 +1,140 @@
+"""From a domain name in a run config to its train / val / test :class:`DomainData`.
+
+Three kinds of domain, told apart by name:
+
+* an image source (``fashion``, ``mnist``, ``digits``, ``folder:<path>`` …, see :mod:`.sources`);
+* ``motion:<image source>`` — the offline video benchmark (benchmarks.md #2): clips in which an image
+  of the source moves along one of :data:`~.motion.PATTERNS`, the pattern being the class.  The
+  source's images are split first (stratified), and each part's clips are made from that part's images
+  only, so no image appears in two splits; a part has as many clips as it has images;
+* a video dataset in its standard layout (``ucf101``, ``hmdb51``, ``kinetics400``; ``ucf101:2`` picks
+  split fold 2), read from ``data.roots[<name>]`` and decoded on demand.  Test is the official test list
+  (Kinetics: ``val.csv``, the set results are reported on); validation is carved from the training list.
+
+Clips need ``frames``; images refuse it.  Augmentation is refused for clips: flips and crops change what
+a motion means (a flipped left-to-right clip is a right-to-left one).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .motion import PATTERNS, motion_clips
+from .sources import KNOWN_CLASSES, ImageSource, SourceMissingError, load_source, num_classes
+from .splits import Splits, class_balanced, split
+from .stream import DomainData
+from .video import LAYOUTS, VideoDomain, VideoList
+
+MOTION_PREFIX = "motion:"
+PARTS = ("train", "val", "test")
+TEST_LIST = {"ucf101": "test", "hmdb51": "test", "kinetics400": "val"}
+
+
+def is_clip_domain(name: str) -> bool:
+    return name.startswith(MOTION_PREFIX) or _layout(name)[0] in LAYOUTS
+
+
+def domain_classes(name: str) -> int:
+    """Class count of a domain without loading its data when the name tells it."""
+    if name.startswith(MOTION_PREFIX):
+        return len(PATTERNS)
+    layout = _layout(name)[0]
+    if layout in LAYOUTS:
+        return KNOWN_CLASSES[layout]
+    return num_classes(name)
+
+
+def domain_parts(
+    name: str,
+    *,
+    root: str | None,
+    seed: int,
+    train: int | None,
+    val: int | float,
+    test: int | None,
+    size: int,
+    frames: int | None = None,
+    augment: bool = False,
+    class_balance: float = 0.0,
+) -> dict[str, DomainData]:
+    """Deterministic, stratified ``{"train", "val", "test"}`` of one domain, at ``size`` px.
+
+    Training images are kept at twice ``size`` when ``augment`` is on, so random crops keep their detail."""
+    clip = is_clip_domain(name)
+    if clip and frames is None:
+        raise ValueError(f"domain {name!r} is made of clips: set data.frames (e.g. 8)")
+    if not clip and frames is not None:
+        raise ValueError(
+            f"data.frames is set but domain {name!r} is an image source; use motion:{name} for moving-image clips"
+        )
+    if clip and augment:
+        raise ValueError("data.augment is for images: flips and crops change what a clip's motion means")
+    counts = {"train": train, "val": val, "test": test}
+    if name.startswith(MOTION_PREFIX):
+        return _motion_parts(name, root, seed, counts, size, frames)
+    if clip:
+        return _video_parts(name, root, seed, counts, size, frames)
+    source = load_source(name, root=root)
+    parts = split(source, seed=seed, **counts)
+    out = {}
+    for part in PARTS:
+        index = getattr(parts, part)
+        if part == "train" and class_balance > 0:
+            index = index[class_balanced(source.labels[index], class_balance)]
+        domain = DomainData(name, source.images[index], source.labels[index], len(source.classes))
+        out[part] = domain.resized(2 * size if part == "train" and augment else size)
+    return out
+
+
+def _part_seed(seed: int, part: int) -> int:
+    return int(np.random.SeedSequence((seed, part)).generate_state(1)[0])
+
+
+def _motion_parts(
+    name: str, root: str | None, seed: int, counts: dict[str, int | float | None], size: int, frames: int
+) -> dict[str, DomainData]:
+    source = load_source(name.removeprefix(MOTION_PREFIX), root=root)
+    if source.images.dim() != 3:
+        raise ValueError(f"{name}: motion clips move grey images, and {source.name} is RGB")
+    parts = split(source, seed=seed, **counts)
+    out = {}
+    for k, part in enumerate(PARTS):
+        index = getattr(parts, part)
+        clips = motion_clips(
+            source.images[index], len(index), frames=frames, canvas=size, item=size // 2, seed=_part_seed(seed, k)
+        )
+        out[part] = DomainData(name, clips.clips, clips.labels, len(PATTERNS), frames)
+    return out
+
+
+def _layout(name: str) -> tuple[str, int]:
+    layout, _, fold = name.partition(":")
+    if fold and not fold.isdigit():
+        raise ValueError(f"domain {name!r}: the part after ':' is a split fold (1, 2 or 3)")
+    return layout, int(fold or 1)
+
+
+def _video_parts(
+    name: str, root: str | None, seed: int, counts: dict[str, int | float | None], size: int, frames: int
+) -> dict[str, DomainData]:
+    layout, fold = _layout(name)
+    if root is None:
+        raise SourceMissingError(
+            f"domain {name!r} reads the dataset from disk: set data.roots.{name} to its directory "
+            f"(e.g. --set data.roots.{name}=/data/{layout})"
+        )
+    load = LAYOUTS[layout]
+    folded = {} if layout == "kinetics400" else {"fold": fold}
+    train_list, test_list = load(root, "train", **folded), load(root, TEST_LIST[layout], **folded)
+    videos = VideoList(
+        name, train_list.paths + test_list.paths, train_list.labels + test_list.labels, train_list.classes
+    )
+    labels = torch.tensor(videos.labels, dtype=torch.int64)
+    official_test = torch.arange(len(videos)) >= len(train_list)
+    as_source = ImageSource(name, torch.empty(0, dtype=torch.uint8), labels, videos.classes, official_test)
+    parts: Splits = split(as_source, seed=seed, **counts)
+    return {
+        part: VideoDomain(name, videos, getattr(parts, part).tolist(), frames=frames, size=size, seed=seed)
+        for part in PARTS
+    }
