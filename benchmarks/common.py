@@ -39,6 +39,36 @@ CNN_FLOOR = Row(
 )
 
 
+LORA_LR = {"train": {"lr": 2e-3}}
+PAPER_TARGETS = ["attn.qkv"]  # seed 000 adapts the fused qkv of every block
+
+
+def method_rows() -> list[Row]:
+    """The two full-model baselines every multi-domain table starts with."""
+    return [
+        Row("linear probe", {"method": {"name": "linear_probe"}}, {"train": {"lr": 5e-3}}),
+        Row("full fine-tuning", {"method": {"name": "full_finetune"}}, {"train": {"lr": 5e-4}}),
+    ]
+
+
+def subspace_rows(rank: int = 8, targets: list[str] = PAPER_TARGETS) -> list[Row]:
+    """Seed 000's comparison: shared only, domain only, shared + domain unconstrained and in separate
+    subspaces of W, each of the last two with uniform and upper-heavy placement of the domain LoRAs."""
+
+    def method(name: str, **kw: object) -> dict:
+        return {"method": {"name": name, "rank": rank, "target_modules": targets, **kw}}
+
+    rows = [
+        Row(f"shared only (r={rank})", method("lora"), LORA_LR),
+        Row(f"domain only (r={rank})", method("lora_per_task"), LORA_LR),
+    ]
+    for constraint in ("none", "subspace"):
+        for placement in ("uniform", "upper_heavy"):
+            name = f"shared + domain · {constraint} · {placement.replace('_', '-')}"
+            rows.append(Row(name, method("shared_specific", constraint=constraint, placement=placement), LORA_LR))
+    return rows
+
+
 def row_config(base: dict, row: Row, seed: int, out_dir: Path) -> dict:
     raw = copy.deepcopy(base)
     raw.update(copy.deepcopy(row.replace))
@@ -99,6 +129,37 @@ def markdown(table: dict[str, list[dict]], domains: list[str], which: str = "bes
         seconds = statistics.fmean(r["train_seconds"] for r in runs)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {params:,} | {seconds:.0f} |")
     return "\n".join(lines)
+
+
+def analyze_runs(out_dir: Path, rows: list[str], seed: int, figures: Path) -> list[Path]:
+    """``loraplex analyze`` on one seed of ``rows`` (best adapters); plots copied to ``figures/<row>/``."""
+    from loraplex.eval.analysis import write_analysis
+    from loraplex.train.runner import load_run
+
+    written = []
+    for row in rows:
+        run = out_dir / row / f"seed{seed}"
+        config, model = load_run(run, "best")
+        target = figures / row.replace(" · ", "_").replace(" ", "_").replace("+", "and")
+        write_analysis(model, target, config.method.get("k"), run=str(run), method=config.method_name, which="best")
+        written.append(target)
+    return written
+
+
+def write_tables(out_dir: Path, header: str, table: dict[str, list[dict]], domains: list[str]) -> str:
+    """Best-on-validation and last-step tables as Markdown (printed and written with the raw JSON)."""
+    text = "\n\n".join(
+        [
+            header,
+            "Test accuracy (%) at the best validation step:\n\n" + markdown(table, domains, "best"),
+            "Test accuracy (%) at the last step:\n\n" + markdown(table, domains, "last"),
+        ]
+    )
+    print(text)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "table.md").write_text(text + "\n")
+    (out_dir / "table.json").write_text(json.dumps(table, indent=2) + "\n")
+    return text
 
 
 def machine() -> str:

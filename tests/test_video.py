@@ -165,6 +165,21 @@ def test_frame_wise_wrapper_mixed_batch_equals_each_clip_alone():
     torch.testing.assert_close(model.forward_features(clips[:1], task="digits"), frames.mean(0), atol=1e-5, rtol=1e-5)
 
 
+def test_concat_pooling_sees_frame_order_and_mean_pooling_does_not():
+    clips = torch.randn(2, 3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    mean, concat = FrameWise(tiny_vit()).eval(), FrameWise(tiny_vit(), "concat", frames=3).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(mean(clips), mean(clips.flip(1)), atol=1e-5, rtol=1e-5)
+        assert concat(clips).shape == (2, 3 * mean.num_features) == (2, concat.num_features)
+        assert not torch.allclose(concat(clips), concat(clips.flip(1)), atol=1e-3)
+        per_frame = [tiny_vit().eval()(clips[:, f]) for f in range(3)]
+        torch.testing.assert_close(concat(clips), torch.cat(per_frame, 1), atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="concatenates 3 frames, got clips of 2"):
+            concat(clips[:, :2])
+    with pytest.raises(ValueError, match="needs the number of frames"):
+        FrameWise(tiny_vit(), "concat")
+
+
 def centroids(clip: torch.Tensor) -> torch.Tensor:
     """Intensity-weighted (x, y) per frame."""
     weights = clip.float()
@@ -271,6 +286,7 @@ def test_a_video_run_trains_from_the_cli_and_reloads_frame_wise(tmp_path):
             "test_per_domain": 4,
         },
         train={"steps": 4, "batch_size": 4, "warmup_steps": 1, "eval_every": 2, "checkpoint_every": 2},
+        backbone={"temporal_pooling": "concat"},
     )
     assert cli.main(["train", str(config), "--no-progress"]) == 0
     run = tmp_path / "run"
@@ -278,6 +294,7 @@ def test_a_video_run_trains_from_the_cli_and_reloads_frame_wise(tmp_path):
     assert set(results["best"]["test"]) == {"acc/motion:digits", "acc/ucf101", "acc/mean"}
     config_back, model = load_run(run)
     assert isinstance(model.backbone, FrameWise) and config_back.data.frames == 3
+    assert model.backbone.pooling == "concat" and model.backbone.num_features == 3 * 48
     assert evaluate_run(run, "best") == pytest.approx(results["best"]["test"])
     with pytest.raises(ConfigError, match=r"data: .*use motion:digits"):
         train(from_dict({**yaml.safe_load(config.read_text()), "data": {"domains": ["digits"], "frames": 3}}))

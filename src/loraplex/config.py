@@ -35,6 +35,9 @@ class BackboneSection:
     pretrained: bool = False  # timm's network weights: needs a network, refused offline
     img_size: int = 32
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
+    # clips (data.frames): "mean" = TSN's average consensus over frames (the paper setting); "concat" keeps
+    # frame order (features side by side), which motion whose reverse is another class needs
+    temporal_pooling: Literal["mean", "concat"] = "mean"
 
     def check(self) -> None:
         _positive("backbone.img_size", self.img_size)

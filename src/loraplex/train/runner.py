@@ -26,7 +26,9 @@ CONFIG_FILE = "config.yaml"
 def build_backbone(config: RunConfig, *, load_weights: bool = True) -> torch.nn.Module:
     """The config's backbone; with ``data.frames`` it runs frame-wise on clips and pools over time."""
     backbone = create_backbone(config.backbone, load=load_weights)
-    return backbone if config.data.frames is None else FrameWise(backbone)
+    if config.data.frames is None:
+        return backbone
+    return FrameWise(backbone, config.backbone.temporal_pooling, config.data.frames)
 
 
 def build_model(config: RunConfig, *, load_weights: bool = True) -> AdaptedModel:
