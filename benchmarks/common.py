@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import platform
+import shutil
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -132,16 +133,22 @@ def markdown(table: dict[str, list[dict]], domains: list[str], which: str = "bes
 
 
 def analyze_runs(out_dir: Path, rows: list[str], seed: int, figures: Path) -> list[Path]:
-    """``loraplex analyze`` on one seed of ``rows`` (best adapters); plots copied to ``figures/<row>/``."""
-    from loraplex.eval.analysis import write_analysis
+    """``loraplex analyze`` on one seed of ``rows`` (best adapters), written into each run directory (where
+    ``loraplex report`` finds it) and its plots copied to ``figures/<row>/`` for BENCHMARKS.md."""
+    from loraplex.eval.analysis import ANALYSIS_DIR, write_analysis
     from loraplex.train.runner import load_run
 
     written = []
     for row in rows:
         run = out_dir / row / f"seed{seed}"
         config, model = load_run(run, "best")
+        result = write_analysis(
+            model, run / ANALYSIS_DIR, config.method.get("k"), run=str(run), method=config.method_name, which="best"
+        )
         target = figures / row.replace(" · ", "_").replace(" ", "_").replace("+", "and")
-        write_analysis(model, target, config.method.get("k"), run=str(run), method=config.method_name, which="best")
+        target.mkdir(parents=True, exist_ok=True)
+        for figure in result["figures"]:
+            shutil.copyfile(run / ANALYSIS_DIR / figure["file"], target / figure["file"])
         written.append(target)
     return written
 
