@@ -13,9 +13,10 @@ import torch
 import loraplex as lp
 from loraplex import cli
 from loraplex.config import dump_config, from_dict
+from loraplex.core.inject import BlockLayout
 from loraplex.eval.analysis import analyze_model, effective_rank, principal_angles
 from loraplex.eval.report import write_report
-from loraplex.methods.schedules import Placement
+from loraplex.methods.schedules import Placement, StageLast
 from loraplex.train.runner import build_model
 
 from .tiny import TASKS, build, randomize_adapters
@@ -30,10 +31,16 @@ def ranks_by_block(model: lp.AdaptedModel, group: str) -> list[int]:
 
 
 def test_placement_schedules_halve_the_depth():
-    assert Placement("upper_heavy", 8)(12) == [0] * 6 + [8] * 6
-    assert Placement("lower_heavy", 4)(5) == [4, 4, 4, 0, 0]  # an odd middle block belongs to both halves
-    assert Placement("upper_heavy", 4)(5) == [0, 0, 4, 4, 4]
-    assert Placement("uniform", 2)(3) == [2, 2, 2]
+    def flat(n: int) -> BlockLayout:
+        return BlockLayout((tuple(range(n)),))
+
+    assert Placement("upper_heavy", 8)(flat(12)) == [0] * 6 + [8] * 6
+    assert Placement("lower_heavy", 4)(flat(5)) == [4, 4, 4, 0, 0]  # an odd middle block belongs to both halves
+    assert Placement("upper_heavy", 4)(flat(5)) == [0, 0, 4, 4, 4]
+    assert Placement("uniform", 2)(flat(3)) == [2, 2, 2]
+    swin_t = BlockLayout(((0, 1), (2, 3), (4, 5, 6, 7, 8, 9), (10, 11)))  # depths 2, 2, 6, 2
+    assert StageLast(4)(swin_t) == [0, 4, 0, 4, 0, 0, 0, 0, 0, 4, 0, 4]
+    assert Placement("upper_heavy", 8)(swin_t) == [0] * 6 + [8] * 6  # placements count across stages
 
 
 @pytest.mark.parametrize(("kind", "depth"), [("vit", 2), ("swin", 4)])

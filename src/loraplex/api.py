@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from torch import nn
 
@@ -19,6 +20,7 @@ from .core.state import (
     read_config,
 )
 from .methods import MethodConfig, make_config, method_of
+from .models.heads import make_head
 
 __all__ = ["AdapterFileError", "count_parameters", "export_peft", "load", "wrap"]
 
@@ -30,10 +32,15 @@ def _features_only(backbone: nn.Module) -> nn.Module:
     return backbone
 
 
-def wrap(backbone: nn.Module, config: MethodConfig, heads: dict[str, int]) -> AdaptedModel:
-    """Freeze ``backbone``, inject the method's branch groups, attach one linear head per task.
+def wrap(
+    backbone: nn.Module, config: MethodConfig, heads: dict[str, int], head: dict[str, Any] | None = None
+) -> AdaptedModel:
+    """Freeze ``backbone``, inject the method's branch groups, attach one head per task with ``heads[t]``
+    outputs: linear by default, or as ``head`` describes (:func:`loraplex.models.heads.make_head`; e.g.
+    ``{"kind": "dense", "out_size": 448}`` on a :class:`~loraplex.models.dense.SwinPyramid`).
 
     The backbone is modified in place (its classifier reset, targeted linears replaced)."""
+    head = dict(head or {"kind": "linear"})
     method = method_of(config)
     if set(heads) != set(config.tasks):
         raise ValueError(f"heads {sorted(heads)} must name exactly the config's tasks {sorted(config.tasks)}")
@@ -46,12 +53,14 @@ def wrap(backbone: nn.Module, config: MethodConfig, heads: dict[str, int]) -> Ad
     width = getattr(backbone, "num_features", None)
     if width is None:
         raise ValueError(f"{type(backbone).__name__} has no `num_features`; use a timm model or set it")
-    head_modules = nn.ModuleDict({t: nn.Linear(width, heads[t]) for t in config.tasks})
+    head_modules = nn.ModuleDict({t: make_head(head, width, heads[t]) for t in config.tasks})
     model = AdaptedModel(backbone, head_modules, config.tasks, context, banks, config.mixed_strategy)
     model.method_name = method.name
     model.method_config = config.to_dict()
     model.backbone_info = info
     model.saved_modules = saved
+    model.head_spec = head
+    model.head_outputs = {t: int(heads[t]) for t in config.tasks}
     return model
 
 
@@ -60,6 +69,6 @@ def load(directory: str | os.PathLike, backbone: nn.Module) -> AdaptedModel:
     config = read_config(directory)
     check_backbone(config["backbone"], _features_only(backbone), str(directory))
     cfg = make_config(config["method"], **config["config"])
-    model = wrap(backbone, cfg, heads=config["heads"])
+    model = wrap(backbone, cfg, heads=config["heads"], head=config.get("head"))
     load_tensors(model, directory)
     return model

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
+from .data.dense import TASK_OUTPUTS
 from .methods import get_method
 
 
@@ -56,12 +57,18 @@ class DataSection:
     temperature: float = 2.0
     seed: int = 0
     frames: int | None = None  # clips of this many frames (video domains, frame-wise backbone); None: images
+    tasks: list[str] = field(default_factory=list)  # dense tasks predicted on every image (regime multitask)
 
     def check(self) -> None:
         if self.frames is not None:
             _positive("data.frames", self.frames)
         if not self.domains:
             raise ConfigError("data.domains must name at least one source")
+        unknown = sorted(set(self.tasks) - set(TASK_OUTPUTS))
+        if unknown:
+            raise ConfigError(f"data.tasks has unknown dense task(s) {unknown}; known: {sorted(TASK_OUTPUTS)}")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ConfigError(f"data.tasks has duplicates: {self.tasks}")
         if len(set(self.domains)) != len(self.domains):
             raise ConfigError(f"data.domains has duplicates: {self.domains}")
         if self.train_per_domain is not None:
@@ -79,7 +86,9 @@ class DataSection:
 
 @dataclass
 class TrainSection:
-    regime: Literal["multidomain"] = "multidomain"
+    # multidomain: one domain (head) per sample; multitask: every data.tasks head on every image (dense)
+    regime: Literal["multidomain", "multitask"] = "multidomain"
+    task_weights: dict[str, float] = field(default_factory=dict)  # multitask loss weights (default 1 each)
     steps: int = 600
     batch_size: int = 64
     lr: float = 1e-3
@@ -131,8 +140,13 @@ class RunConfig:
     def method_name(self) -> str:
         return self.method["name"]
 
+    @property
+    def tasks(self) -> list[str]:
+        """The heads: ``data.tasks`` in the multitask regime, otherwise one per domain."""
+        return task_names(self.data, self.train)
+
     def method_kwargs(self) -> dict[str, Any]:
-        """The method's own hyper-parameters (resolved: every default filled in, ``tasks`` = domains)."""
+        """The method's own hyper-parameters (resolved: every default filled in, ``tasks`` = the heads)."""
         return {k: v for k, v in self.method.items() if k != "name"}
 
     def to_dict(self) -> dict[str, Any]:
@@ -221,7 +235,23 @@ def build_section(cls: type, data: Any, prefix: str) -> Any:
     return section
 
 
-def check_method(method: Any, domains: list[str]) -> dict[str, Any]:
+def task_names(data: DataSection, train: TrainSection) -> list[str]:
+    return list(data.tasks) if train.regime == "multitask" else list(data.domains)
+
+
+def check_tasks(data: DataSection, train: TrainSection) -> None:
+    if train.regime == "multitask" and not data.tasks:
+        raise ConfigError(f"train.regime multitask needs data.tasks (some of {sorted(TASK_OUTPUTS)})")
+    if train.regime != "multitask" and data.tasks:
+        raise ConfigError("data.tasks is for train.regime multitask; multidomain runs have one head per domain")
+    stray = sorted(set(train.task_weights) - set(data.tasks))
+    if stray:
+        raise ConfigError(f"train.task_weights names {stray}, which are not in data.tasks {data.tasks}")
+    for task, weight in train.task_weights.items():
+        _positive(f"train.task_weights.{task}", weight)
+
+
+def check_method(method: Any, tasks: list[str]) -> dict[str, Any]:
     """Validate the ``method`` section through the registry: unknown method or key, wrong types."""
     if not isinstance(method, dict) or "name" not in method:
         raise ConfigError("method must be a mapping with a 'name' (e.g. {name: lora, rank: 8})")
@@ -239,9 +269,9 @@ def check_method(method: Any, domains: list[str]) -> dict[str, Any]:
         kwargs[key] = value = _coerce(value, hints[key])
         if not _matches(value, hints[key]):
             raise ConfigError(f"method.{key} must be {_type_name(hints[key])}, got {value!r}")
-    kwargs.setdefault("tasks", list(domains))
-    if kwargs["tasks"] != list(domains):
-        raise ConfigError(f"method.tasks {kwargs['tasks']} must equal data.domains {list(domains)} (one head each)")
+    kwargs.setdefault("tasks", list(tasks))
+    if kwargs["tasks"] != list(tasks):
+        raise ConfigError(f"method.tasks {kwargs['tasks']} must equal the run's heads {list(tasks)} (one each)")
     try:
         resolved = registered.config_cls(**kwargs)
     except (ValueError, TypeError) as err:
@@ -283,8 +313,8 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
         for name in SECTIONS
         if name != "method"
     }
-    data = sections["data"]
-    method = check_method(raw.get("method", {"name": "lora"}), data.domains)
+    check_tasks(sections["data"], sections["train"])
+    method = check_method(raw.get("method", {"name": "lora"}), task_names(sections["data"], sections["train"]))
     return RunConfig(method=method, **sections)
 
 

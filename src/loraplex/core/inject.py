@@ -7,8 +7,8 @@ across stages (ViT: ``blocks.0…``; Swin: ``layers.0.blocks.0``, ``layers.0.blo
 ``layers.1.blocks.0`` … → 0, 1, 2 …), so rank schedules and block selections work on both.
 
 A rank schedule is either a per-block list or a :data:`RankSchedule` — a callable from the backbone's
-number of blocks to such a list — because a plan is made from a config before any backbone is seen;
-it is resolved here, where the backbone is.
+:class:`BlockLayout` (its blocks, grouped by stage) to such a list — because a plan is made from a
+config before any backbone is seen; it is resolved here, where the backbone is.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from .routing import RouteContext
 from .subspace import Form, Subspace, TruncationK, column_space, weight_subspaces
 
 Targets = Sequence[str] | str
-RankSchedule = Callable[[int], Sequence[int]]
-"""Number of blocks of the backbone → rank per block (0 = no branch there)."""
+RankSchedule = Callable[["BlockLayout"], Sequence[int]]
+"""The backbone's block layout → rank per block (0 = no branch there)."""
 
 _BLOCK = re.compile(r"^(.*?\bblocks\.\d+)\.")
 
@@ -65,10 +65,10 @@ class GroupSpec:
     train_A: bool = True
     bank_size: int = 0  # > 0: factors from a BasisBank of this many bases, one bank per layer shape
 
-    def rank_at(self, block: int | None, name: str, num_blocks: int) -> int:
+    def rank_at(self, block: int | None, name: str, layout: BlockLayout) -> int:
         if isinstance(self.rank, int):
             return self.rank
-        ranks = self.rank(num_blocks) if callable(self.rank) else self.rank
+        ranks = self.rank(layout) if callable(self.rank) else self.rank
         if block is None:
             raise ValueError(f"{name}: a per-block rank schedule needs a layer inside a '…blocks.<i>' container")
         if block >= len(ranks):
@@ -82,6 +82,25 @@ class GroupSpec:
 class InjectionResult:
     layers: dict[str, AdaptedLinear] = field(default_factory=dict)
     banks: dict[str, BasisBank] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Global block indices grouped by the container that holds them: one group for a ViT's
+    ``blocks``, one per stage for Swin's ``layers.<s>.blocks`` (what "last block of each stage" needs)."""
+
+    stages: tuple[tuple[int, ...], ...]
+
+    @property
+    def count(self) -> int:
+        return sum(len(stage) for stage in self.stages)
+
+
+def block_layout(model: nn.Module) -> BlockLayout:
+    stages: dict[str, list[int]] = {}
+    for name, index in block_indices(model).items():
+        stages.setdefault(name.rsplit(".", 1)[0], []).append(index)
+    return BlockLayout(tuple(tuple(blocks) for blocks in stages.values()))
 
 
 def block_indices(model: nn.Module) -> dict[str, int]:
@@ -174,7 +193,7 @@ def inject(
     """Replace every targeted ``nn.Linear`` with an :class:`AdaptedLinear` carrying ``groups``."""
     result = InjectionResult()
     index = block_indices(model)
-    num_blocks = len(index)
+    layout = block_layout(model)
     names = set()
     for group in groups:
         names.update(find_targets(model, group.targets or targets, blocks))
@@ -188,7 +207,7 @@ def inject(
         for group in groups:
             if not matches(name, group.targets or targets):
                 continue
-            rank = group.rank_at(block, name, num_blocks)
+            rank = group.rank_at(block, name, layout)
             if rank <= 0:
                 continue
             result.layers[name] = layer

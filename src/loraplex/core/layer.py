@@ -79,6 +79,8 @@ class AdaptedLinear(nn.Module):
         ``y_tasks[t] = W x_sh + b + s_t B_t A_t x_t`` (``x_t = x_shared`` when ``x_tasks`` is None).
         The task path deliberately omits the shared delta, as MTLoRA's task-specific layers do.
         """
+        if self.context.merged_task is not False:
+            raise RuntimeError(f"{self.name}: task streams cannot run on merged weights (shared delta counted twice)")
         pre = self.base(x_shared)
         y_shared = pre
         task_group = None

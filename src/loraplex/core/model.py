@@ -9,6 +9,10 @@
 * ``"all"`` — every task on every sample: ``{task: logits}`` (generic path: the batch is repeated per
   task and run as one mixed batch; methods with stream-aware blocks, such as MTLoRA, do better);
 * ``None`` — shared branches only; returns pooled features (no head).
+
+A backbone with ``forward_tasks(x, num_tasks)`` (a dense pyramid with stream-aware blocks, MTLoRA) predicts
+every task on every image: ``"all"`` gives ``{task: dense output}`` from one pass, a task name that
+task's output; mixed batches do not apply.
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ class AdaptedModel(nn.Module):
         self.method_config: dict = {}
         self.backbone_info: dict = {}
         self.saved_modules: list[str] = []
+        self.head_spec: dict = {"kind": "linear"}
+        self.head_outputs: dict[str, int] = {}
 
     # ---- routing -------------------------------------------------------------------------------
     def task_index(self, task: str | int) -> int:
@@ -84,8 +90,16 @@ class AdaptedModel(nn.Module):
         return {m.name: m for m in self.backbone.modules() if isinstance(m, AdaptedLinear)}
 
     @property
+    def streams(self) -> bool:
+        """Whether the backbone runs every task at once (one stream per task, dense heads)."""
+        return hasattr(self.backbone, "forward_tasks")
+
+    @property
     def mergeable(self) -> bool:
-        """Whether every delta is input-independent, so a task's deltas fold exactly into W."""
+        """Whether every delta is input-independent, so a task's deltas fold exactly into W (not for task
+        streams: there a task path's frozen matmul reads the shared input, not the task's)."""
+        if self.streams:
+            return False
         return all(g.routing != "soft" for layer in self.adapted_layers().values() for g in layer.groups.values())
 
     @contextlib.contextmanager
@@ -121,6 +135,8 @@ class AdaptedModel(nn.Module):
     def forward(self, x: torch.Tensor, task: TaskSpec = None):
         if task is None:
             return self._features(x, Route())
+        if self.streams:
+            return self._all_tasks(x, task)
         if isinstance(task, str) and task == "all":
             ids = torch.arange(len(self.tasks), device=x.device).repeat_interleave(x.shape[0])
             mixed = self._mixed(x.repeat(len(self.tasks), *([1] * (x.dim() - 1))), ids)
@@ -129,6 +145,16 @@ class AdaptedModel(nn.Module):
             t = self.task_index(task)
             return self.heads[self.tasks[t]](self._features(x, Route(task=t)))
         return self._mixed(x, self.task_ids(task).to(x.device))
+
+    def _all_tasks(self, x: torch.Tensor, task: TaskSpec):
+        if not (isinstance(task, str | int)):
+            raise ValueError("a dense multi-task model predicts every task on every image: use task='all' or one task")
+        with self.routed(Route()):
+            streams = self.backbone.forward_tasks(x, len(self.tasks))
+        if task == "all":
+            return {name: self.heads[name](streams[t]) for t, name in enumerate(self.tasks)}
+        t = self.task_index(task)
+        return self.heads[self.tasks[t]](streams[t])
 
     def _mixed(self, x: torch.Tensor, ids: torch.Tensor) -> MixedOutput:
         if ids.shape[0] != x.shape[0]:

@@ -97,7 +97,8 @@ def save(model: AdaptedModel, directory: str | os.PathLike) -> Path:
         "method": model.method_name,
         "config": model.method_config,
         "tasks": model.tasks,
-        "heads": {t: int(h.out_features) for t, h in model.heads.items() if isinstance(h, nn.Linear)},
+        "heads": model.head_outputs,
+        "head": model.head_spec,
         "backbone": model.backbone_info,
         "mixed_strategy": model.mixed_strategy,
     }

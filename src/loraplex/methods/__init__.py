@@ -1,7 +1,8 @@
 """Registered methods.  Importing this package registers every method."""
 
-from . import baselines, shared_specific
+from . import baselines, mtlora, shared_specific
 from .baselines import FullFinetuneConfig, LinearProbeConfig, LoRAConfig, LoRAPerTaskConfig
+from .mtlora import MTLoRAConfig, MTLoRAPlusConfig
 from .registry import REGISTRY, AdapterPlan, MethodConfig, get_method, make_config, method_of, register
 from .shared_specific import SharedSpecificConfig
 
@@ -12,12 +13,15 @@ __all__ = [
     "LinearProbeConfig",
     "LoRAConfig",
     "LoRAPerTaskConfig",
+    "MTLoRAConfig",
+    "MTLoRAPlusConfig",
     "MethodConfig",
     "SharedSpecificConfig",
     "baselines",
     "get_method",
     "make_config",
     "method_of",
+    "mtlora",
     "register",
     "shared_specific",
 ]

@@ -1,8 +1,8 @@
 """Placement of LoRAs over depth: named schedules resolved once the backbone's depth is known.
 
 A plan is made from a config before any backbone exists, so a named placement cannot be a per-block
-list yet; :class:`Placement` is a :data:`~loraplex.core.inject.RankSchedule` that the engine calls with
-the backbone's number of blocks (counted across Swin stages) at injection time.
+list yet; :class:`Placement` and :class:`StageLast` are :data:`~loraplex.core.inject.RankSchedule` objects that
+the engine calls with the backbone's block layout (blocks counted across Swin stages) at injection time.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from ..core.inject import RankSchedule
+from ..core.inject import BlockLayout, RankSchedule
 
 PlacementName = Literal["uniform", "upper_heavy", "lower_heavy"]
 PLACEMENTS: tuple[str, ...] = ("uniform", "upper_heavy", "lower_heavy")
@@ -25,13 +25,25 @@ class Placement:
     name: PlacementName
     rank: int
 
-    def __call__(self, num_blocks: int) -> list[int]:
+    def __call__(self, layout: BlockLayout) -> list[int]:
+        num_blocks = layout.count
         half = (num_blocks + 1) // 2
         if self.name == "upper_heavy":
             return [0] * (num_blocks - half) + [self.rank] * half
         if self.name == "lower_heavy":
             return [self.rank] * half + [0] * (num_blocks - half)
         return [self.rank] * num_blocks
+
+
+@dataclass(frozen=True)
+class StageLast:
+    """``rank`` in the last block of each stage (MTLoRA's task-specific blocks), 0 elsewhere."""
+
+    rank: int
+
+    def __call__(self, layout: BlockLayout) -> list[int]:
+        ends = {stage[-1] for stage in layout.stages}
+        return [self.rank if block in ends else 0 for block in range(layout.count)]
 
 
 def placed_rank(rank: int | Sequence[int], placement: str, key: str) -> int | list[int] | RankSchedule:

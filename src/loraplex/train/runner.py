@@ -13,9 +13,11 @@ from .. import api
 from ..config import ConfigError, RunConfig, dump_config, from_dict
 from ..core.model import AdaptedModel
 from ..data import DomainData, SourceMissingError
+from ..data.dense import TASK_OUTPUTS
 from ..data.domains import PARTS, domain_classes, domain_parts
 from ..methods import make_config
 from ..models import FrameWise, create_backbone, write_zoo_entry, zoo_entries
+from ..models.dense import SwinPyramid
 from .dist import Dist, init_from_env, shutdown
 from .loop import fit
 from .regimes import MultiDomainRegime
@@ -24,8 +26,11 @@ CONFIG_FILE = "config.yaml"
 
 
 def build_backbone(config: RunConfig, *, load_weights: bool = True) -> torch.nn.Module:
-    """The config's backbone; with ``data.frames`` it runs frame-wise on clips and pools over time."""
+    """The config's backbone: a feature pyramid for dense multi-task runs; with ``data.frames`` it runs
+    frame-wise on clips and pools over time."""
     backbone = create_backbone(config.backbone, load=load_weights)
+    if config.train.regime == "multitask":
+        return SwinPyramid(backbone)
     if config.data.frames is None:
         return backbone
     return FrameWise(backbone, config.backbone.temporal_pooling, config.data.frames)
@@ -34,8 +39,12 @@ def build_backbone(config: RunConfig, *, load_weights: bool = True) -> torch.nn.
 def build_model(config: RunConfig, *, load_weights: bool = True) -> AdaptedModel:
     """Backbone + method + one head per domain, as the config says (no data needed)."""
     method = make_config(config.method_name, **config.method_kwargs())
+    backbone = build_backbone(config, load_weights=load_weights)
+    if config.train.regime == "multitask":
+        heads = {t: TASK_OUTPUTS[t] for t in config.data.tasks}
+        return api.wrap(backbone, method, heads=heads, head={"kind": "dense", "out_size": config.backbone.img_size})
     heads = {d: domain_classes(d) for d in config.data.domains}
-    return api.wrap(build_backbone(config, load_weights=load_weights), method, heads=heads)
+    return api.wrap(backbone, method, heads=heads)
 
 
 def domain_splits(config: RunConfig) -> dict[str, list[DomainData]]:
@@ -71,6 +80,11 @@ def domain_splits(config: RunConfig) -> dict[str, list[DomainData]]:
 
 
 def build_regime(config: RunConfig, dist: Dist) -> MultiDomainRegime:
+    if config.train.regime != "multidomain":
+        raise ConfigError(
+            f"train.regime {config.train.regime!r} builds its model (`loraplex params` works) but cannot train yet: "
+            "the dense multi-task data and regime are not in this version"
+        )
     return MultiDomainRegime(
         domain_splits(config),
         img_size=config.backbone.img_size,

@@ -1,0 +1,174 @@
+"""MTLoRA on Swin: the dense pyramid, the stream-aware blocks' exact dataflow, dense heads, what is
+trained, the paper's parameter count, and dense models' save/load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import loraplex as lp
+from loraplex import cli
+from loraplex.config import ConfigError, from_dict, load_config
+from loraplex.core.layer import AdaptedLinear
+from loraplex.models.dense import SwinPyramid, _attention_before_proj, _unwindow, block_streams
+from loraplex.models.heads import DenseHead
+from loraplex.train.runner import build_regime
+
+from .tiny import randomize_adapters
+
+DENSE = {"semseg": 21, "saliency": 1, "normals": 3}
+PAPER = "configs/paper/mtlora_swin_t_pascal.yaml"
+SWIN_T_BLOCK_WIDTHS = 2 * 96 + 2 * 192 + 6 * 384 + 2 * 768  # Σ over blocks of the block's width C
+
+
+def tiny_swin3(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model(
+        "swin_tiny_patch4_window7_224", pretrained=False, num_classes=0, img_size=32, patch_size=2,
+        window_size=4, embed_dim=24, depths=(2, 2, 2), num_heads=(2, 2, 4),
+    ).eval()  # fmt: skip
+
+
+def dense_model(method: str = "mtlora", seed: int = 0, randomize: bool = True, **kw) -> lp.AdaptedModel:
+    cfg = lp.make_config(method, tasks=list(DENSE), **({"rank": 3, "task_rank": 2} | kw))
+    model = lp.wrap(SwinPyramid(tiny_swin3(seed)), cfg, heads=DENSE, head={"kind": "dense", "out_size": 32})
+    if randomize:
+        randomize_adapters(model)
+    return model.eval()
+
+
+def x_images(n: int = 2) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def test_pyramid_is_each_stage_after_patch_merging_without_final_norm():
+    swin = tiny_swin3()
+    x = x_images()
+    stages = swin.forward_intermediates(x, intermediates_only=True, norm=False)  # timm: before merging
+    pyramid = SwinPyramid(swin)
+    features = pyramid(x)
+    assert pyramid.feature_channels == [48, 96, 96] == [f.shape[1] for f in features]
+    for i, feature in enumerate(features):
+        expected = stages[i].permute(0, 2, 3, 1)
+        if i + 1 < len(stages):
+            expected = swin.layers[i + 1].downsample(expected)
+        torch.testing.assert_close(feature, expected.permute(0, 3, 1, 2))
+    with pytest.raises(ValueError, match="timm SwinTransformer"):
+        SwinPyramid(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0))
+
+
+def test_task_specific_layers_sit_in_the_last_block_of_each_stage_only():
+    model = dense_model()
+    task_layers = sorted(n for n, m in model.adapted_layers().items() if "task" in m.groups)
+    last = ["layers.0.blocks.1", "layers.1.blocks.1", "layers.2.blocks.1"]
+    assert task_layers == sorted(f"{b}.{m}" for b in last for m in ("attn.proj", "mlp.fc1", "mlp.fc2"))
+    qkv = model.adapted_layers()["layers.2.blocks.1.attn.qkv"]
+    assert list(qkv.groups) == ["shared"]  # attention runs once
+    shared = model.adapted_layers()["layers.0.blocks.0.mlp.fc1"].groups["shared"]
+    assert float(shared.scale[0]) == 4.0 and shared.dropout.p == 0.05  # constant scale, not alpha / r
+    assert isinstance(model.adapted_layers()["layers.0.blocks.1.mlp.fc1"].groups["task"].dropout, torch.nn.Identity)
+
+
+def test_stream_block_follows_the_exact_dataflow():
+    model = dense_model()
+    block = model.backbone.layers[0].blocks[1]  # shifted windows, task-specific layers
+    x = torch.randn(2, 16, 16, 24, generator=torch.Generator().manual_seed(1))
+    with model.routed(lp.core.routing.Route()):
+        shared, tasks = block_streams(block, x)
+        torch.testing.assert_close(shared, block(x), atol=1e-5, rtol=1e-5)  # the shared stream is the block
+    proj, fc1, fc2 = block.attn.proj, block.mlp.fc1, block.mlp.fc2
+    windows, padded = _attention_before_proj(block, block.norm1(x))
+    for t in range(len(DENSE)):
+
+        def task_only(layer: AdaptedLinear, frozen_in: torch.Tensor, task_in: torch.Tensor, t: int = t) -> torch.Tensor:
+            delta = layer.groups["task"].delta_weight(t)  # the task path omits the shared delta
+            return layer.base(frozen_in) + task_in @ delta.T
+
+        h_shared = x + _unwindow(block, proj.base(windows) + windows @ proj.delta_weight(None).T, padded, 16, 16)
+        h_task = x + _unwindow(block, task_only(proj, windows, windows), padded, 16, 16)
+        n_shared, n_task = block.norm2(h_shared), block.norm2(h_task)
+        g_shared = F.gelu(fc1.base(n_shared) + n_shared @ fc1.delta_weight(None).T)
+        g_task = F.gelu(task_only(fc1, n_shared, n_task))  # frozen matmul on the shared input
+        expected = h_task + task_only(fc2, g_shared, g_task)
+        torch.testing.assert_close(tasks[t], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_all_tasks_in_one_pass_equal_each_task_and_zero_task_deltas_share_features():
+    model = dense_model()
+    x = x_images()
+    everything = model(x, task="all")
+    assert {k: tuple(v.shape) for k, v in everything.items()} == {t: (2, c, 32, 32) for t, c in DENSE.items()}
+    for name in DENSE:
+        torch.testing.assert_close(everything[name], model(x, task=name))
+    assert not torch.allclose(everything["semseg"][:, :1], model(x, task="saliency")[:, :1])
+    fresh = dense_model(randomize=False)  # B = 0: every task stream equals the shared one
+    with fresh.routed(lp.core.routing.Route()):
+        streams = fresh.backbone.forward_tasks(x, len(DENSE))
+    for per_task in streams:
+        for got, expected in zip(per_task, fresh.backbone(x), strict=True):
+            torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="every task on every image"):
+        model(x, task=torch.tensor([0, 1]))
+    assert not model.mergeable
+
+
+def test_what_mtlora_and_mtlora_plus_train():
+    for method, reduction_trained in (("mtlora", True), ("mtlora_plus", False)):
+        model = dense_model(method)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert "backbone.patch_embed.proj.weight" in trainable and "backbone.patch_embed.norm.bias" in trainable
+        assert "backbone.layers.1.blocks.0.attn.relative_position_bias_table" in trainable
+        assert "backbone.layers.1.blocks.0.norm2.weight" in trainable
+        assert "backbone.layers.0.blocks.0.attn.qkv.base.bias" not in trainable  # frozen linears keep their bias
+        assert ("backbone.layers.1.downsample.reduction.weight" in trainable) is reduction_trained
+        adapted = "layers.1.downsample.reduction" in model.adapted_layers()
+        assert adapted is not reduction_trained  # MTLoRA+: frozen reduction with a shared LoRA
+
+
+def test_dense_head_matches_the_paper_structure():
+    head = DenseHead([192, 384, 768, 768], 21, out_size=448)
+    fusion = 192 * 18 + 384 * 36 + 768 * 72 + 768 * 144  # bias-free 1×1 convs to HRNet-W18 widths
+    decode = (270 * 1080 + 1080) + 2 * 1080 + (1080 * 21 + 21)
+    assert sum(p.numel() for p in head.parameters()) == fusion + decode
+    features = [torch.randn(1, c, s, s) for c, s in ((192, 8), (384, 4), (768, 2), (768, 2))]
+    assert head.eval()(features).shape == (1, 21, 448, 448)
+
+
+def test_paper_configuration_counts_exactly(capsys):
+    counts = {}
+    for rank in (16, 64):
+        assert cli.main(["params", PAPER, "--json", "--set", f"method.rank={rank}"]) == 0
+        counts[rank] = json.loads(capsys.readouterr().out)
+    assert counts[16]["trainable"] == 4_953_146  # MTLoRA's 4.95 M
+    assert counts[64]["trainable"] - counts[16]["trainable"] == (64 - 16) * 16 * SWIN_T_BLOCK_WIDTHS
+    assert counts[64]["trainable"] == 8_344_634  # the paper's 8.34 M
+
+
+def test_dense_model_save_load_round_trip(tmp_path):
+    model = dense_model("mtlora_plus")
+    with torch.no_grad():
+        model.backbone.layers[0].blocks[0].norm1.weight.add_(0.1)  # a trained backbone module travels too
+    model.save(tmp_path / "adapter")
+    loaded = lp.load(tmp_path / "adapter", SwinPyramid(tiny_swin3())).eval()
+    x = x_images()
+    for name, out in model(x, task="all").items():
+        assert torch.equal(loaded(x, task="all")[name], out)
+
+
+def test_multitask_config_errors_name_the_key(tmp_path):
+    raw = load_config(PAPER).to_dict()
+    bad = [
+        ({"data": {**raw["data"], "tasks": []}}, "needs data.tasks"),
+        ({"data": {**raw["data"], "tasks": ["semseg", "edges"]}}, r"unknown dense task\(s\) \['edges'\]"),
+        ({"train": {**raw["train"], "task_weights": {"depth": 1.0}}}, r"task_weights names \['depth'\]"),
+        ({"train": {**raw["train"], "regime": "multidomain"}}, "data.tasks is for train.regime multitask"),
+    ]
+    for change, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            from_dict({**raw, **change})
+    with pytest.raises(ConfigError, match="cannot train yet"):
+        build_regime(load_config(PAPER), None)
