@@ -14,11 +14,13 @@ import loraplex as lp
 from loraplex import cli
 from loraplex.config import ConfigError, from_dict, load_config
 from loraplex.core.layer import AdaptedLinear
+from loraplex.data.scenes import dense_scenes, normals_of, scene_target
+from loraplex.eval.dense import DenseMeter, delta_m, task_loss
 from loraplex.models.dense import SwinPyramid, _attention_before_proj, _unwindow, block_streams
 from loraplex.models.heads import DenseHead
-from loraplex.train.runner import build_regime
+from loraplex.train.runner import build_regime, evaluate_run
 
-from .tiny import randomize_adapters
+from .tiny import randomize_adapters, tiny_config
 
 DENSE = {"semseg": 21, "saliency": 1, "normals": 3}
 PAPER = "configs/paper/mtlora_swin_t_pascal.yaml"
@@ -170,5 +172,71 @@ def test_multitask_config_errors_name_the_key(tmp_path):
     for change, message in bad:
         with pytest.raises(ConfigError, match=message):
             from_dict({**raw, **change})
-    with pytest.raises(ConfigError, match="cannot train yet"):
+    with pytest.raises(ConfigError, match=r"trains on data.domains: \[scenes\]"):
         build_regime(load_config(PAPER), None)
+
+
+# ---- dense data, metrics and the multitask regime ----------------------------------------------
+def test_scenes_are_deterministic_with_consistent_targets():
+    g = torch.Generator().manual_seed(0)
+    pool = (torch.rand(6, 28, 28, generator=g) * 255).to(torch.uint8), torch.arange(1, 7)
+    a, b = dense_scenes([pool], 8, size=32, seed=1), dense_scenes([pool], 8, size=32, seed=1)
+    assert torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets)
+    semseg, depth, normals = (scene_target(a.targets, t) for t in ("semseg", "depth", "normals"))
+    assert semseg.min() >= 0 and semseg.max() <= 6 and (semseg > 0).any()
+    assert torch.equal(scene_target(a.targets, "saliency"), (semseg > 0).float())
+    background = semseg == 0
+    assert torch.all(depth[:, 0][background] == 1.0) and torch.all(depth[:, 0][~background] < 1.0)
+    assert torch.all(a.images[background] == 0) and torch.all(a.images[~background] > 40)  # items: bright pixels
+    torch.testing.assert_close(normals.norm(dim=1), torch.ones_like(depth[:, 0]), atol=2e-3, rtol=0)
+    flat = torch.zeros(1, 5, 5)
+    torch.testing.assert_close(normals_of(flat)[0], torch.tensor([0.0, 0.0, 1.0]).view(3, 1, 1).expand(3, 5, 5))
+    ramp = torch.arange(5.0).view(1, 5).expand(5, 5)  # h = x: normal ∝ (−1, 0, 1)
+    torch.testing.assert_close(normals_of(ramp)[:, 2, 2], torch.tensor([-1.0, 0.0, 1.0]) / 2**0.5)
+
+
+def test_dense_metrics_on_known_predictions():
+    target = torch.tensor([[[0, 1], [1, 2]]])
+    meter = DenseMeter("semseg", 3)
+    meter.update(F.one_hot(torch.tensor([[[0, 1], [2, 2]]]), 3).permute(0, 3, 1, 2).float(), target)
+    # class 0: 1/1, class 1: 1/2 (one of its pixels called 2), class 2: 1/2
+    assert meter.result()["miou"] == pytest.approx((1 + 0.5 + 0.5) / 3)
+    sal = DenseMeter("saliency", 1)
+    mask = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    sal.update((mask * 20 - 10).unsqueeze(1), mask)
+    assert sal.result() == {"miou": pytest.approx(1.0), "maxf": pytest.approx(1.0)}
+    normals = DenseMeter("normals", 3)
+    up = torch.tensor([0.0, 0.0, 1.0]).view(1, 3, 1, 1).expand(1, 3, 1, 2)
+    tilted = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]]).unsqueeze(0).unsqueeze(2)  # 45° and 0°
+    normals.update(tilted * 3.0, up)  # the scale of the prediction does not matter
+    assert normals.result()["mean_angle"] == pytest.approx(22.5, abs=1e-4)
+    assert normals.result()["rmse_angle"] == pytest.approx((45**2 / 2) ** 0.5, abs=1e-4)
+    depth = DenseMeter("depth", 1)
+    depth.update(torch.zeros(1, 1, 1, 2), torch.tensor([[[[3.0, 4.0]]]]))
+    assert depth.result()["rmse"] == pytest.approx((25 / 2) ** 0.5)
+    assert delta_m({"semseg": 0.55, "normals": 18.0}, {"semseg": 0.5, "normals": 20.0}) == pytest.approx(10.0)
+    logits = torch.tensor([[[[3.0, -3.0, -3.0, -3.0]]]])  # 1 positive of 4: positives weigh 3/4, negatives 1/4
+    expected = (0.75 * F.softplus(-torch.tensor(3.0)) + 3 * 0.25 * F.softplus(torch.tensor(-3.0))) / 4
+    assert task_loss("saliency", logits, torch.tensor([[[1.0, 0.0, 0.0, 0.0]]])) == pytest.approx(float(expected))
+
+
+def test_a_dense_multitask_run_trains_from_the_cli(tmp_path, capsys):
+    config = tiny_config(
+        tmp_path,
+        backbone={"name": "swin_tiny_patch4_window7_224", "img_size": 32,
+                  "kwargs": {"patch_size": 2, "window_size": 4, "embed_dim": 24, "depths": [2, 2, 2],
+                             "num_heads": [2, 2, 4]}},
+        method={"name": "mtlora", "rank": 2, "task_rank": 2},
+        data={"domains": ["scenes"], "tasks": ["semseg", "saliency", "normals", "depth"], "train_per_domain": 48,
+              "val_per_domain": 16, "test_per_domain": 16},
+        train={"regime": "multitask", "steps": 6, "batch_size": 8, "warmup_steps": 1, "eval_every": 3,
+               "checkpoint_every": 3, "task_weights": {"normals": 10.0}},
+    )  # fmt: skip
+    assert cli.main(["train", str(config), "--no-progress"]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    test = results["best"]["test"]
+    assert {"semseg/miou", "saliency/maxf", "normals/mean_angle", "normals/rmse_angle", "depth/rmse"} <= set(test)
+    assert results["selection_metric"] == "score/mean" and 0.0 < test["score/mean"] <= 1.0
+    assert evaluate_run(tmp_path / "run", "best") == pytest.approx(test)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss/semseg", "loss/normals"} <= set(records[0])

@@ -7,6 +7,9 @@ Three kinds of domain, told apart by name:
   of the source moves along one of :data:`~.motion.PATTERNS`, the pattern being the class.  The
   source's images are split first (stratified), and each part's clips are made from that part's images
   only, so no image appears in two splits; a part has as many clips as it has images;
+* ``scenes`` — the dense multi-task benchmark (benchmarks.md #3, :mod:`.scenes`): fashion and mnist are
+  split first and each part's scenes are made from that part's items; a part has as many scenes as
+  the counts say; labels are the packed dense targets;
 * a video dataset in its standard layout (``ucf101``, ``hmdb51``, ``kinetics400``; ``ucf101:2`` picks
   split fold 2), read from ``data.roots[<name>]`` and decoded on demand.  Test is the official test list
   (Kinetics: ``val.csv``, the set results are reported on); validation is carved from the training list.
@@ -21,6 +24,7 @@ import numpy as np
 import torch
 
 from .motion import PATTERNS, motion_clips
+from .scenes import dense_scenes
 from .sources import KNOWN_CLASSES, ImageSource, SourceMissingError, load_source, num_classes
 from .splits import Splits, class_balanced, split
 from .stream import DomainData
@@ -29,6 +33,10 @@ from .video import LAYOUTS, VideoDomain, VideoList
 MOTION_PREFIX = "motion:"
 PARTS = ("train", "val", "test")
 TEST_LIST = {"ucf101": "test", "hmdb51": "test", "kinetics400": "val"}
+
+
+SCENES = "scenes"
+SCENE_SOURCES = (("fashion", 1), ("mnist", 11))  # item source, its first semseg class id
 
 
 def is_clip_domain(name: str) -> bool:
@@ -71,6 +79,8 @@ def domain_parts(
     if clip and augment:
         raise ValueError("data.augment is for images: flips and crops change what a clip's motion means")
     counts = {"train": train, "val": val, "test": test}
+    if name == SCENES:
+        return _scene_parts(seed, counts, size)
     if name.startswith(MOTION_PREFIX):
         return _motion_parts(name, root, seed, counts, size, frames)
     if clip:
@@ -105,6 +115,19 @@ def _motion_parts(
             source.images[index], len(index), frames=frames, canvas=size, item=size // 2, seed=_part_seed(seed, k)
         )
         out[part] = DomainData(name, clips.clips, clips.labels, len(PATTERNS), frames)
+    return out
+
+
+def _scene_parts(seed: int, counts: dict[str, int | float | None], size: int) -> dict[str, DomainData]:
+    if any(counts[part] is None or isinstance(counts[part], float) for part in PARTS):
+        raise ValueError("scenes are generated: give data.train_per_domain, val_per_domain, test_per_domain as counts")
+    sources = [(load_source(name), first) for name, first in SCENE_SOURCES]
+    splits = [(source, first, split(source, seed=seed, **counts)) for source, first in sources]
+    out = {}
+    for k, part in enumerate(PARTS):
+        pools = [(src.images[getattr(s, part)], src.labels[getattr(s, part)] + first) for src, first, s in splits]
+        scenes = dense_scenes(pools, int(counts[part]), size=size, seed=_part_seed(seed, k))
+        out[part] = DomainData(SCENES, scenes.images, scenes.targets, 0)
     return out
 
 

@@ -181,7 +181,8 @@ class MultiDomainStream:
         ids = torch.from_numpy(domain_ids[self.rank :: self.world_size].astype(np.int64))
         idx = torch.from_numpy(index[self.rank :: self.world_size])
         images = torch.empty((len(ids), *self.domains[0].sample_shape), dtype=torch.uint8)
-        labels = torch.empty(len(ids), dtype=torch.int64)
+        first = self.domains[0].labels  # class ids [N], or packed dense targets [N, C, H, W]
+        labels = torch.empty((len(ids), *first.shape[1:]), dtype=first.dtype)
         for d, domain in enumerate(self.domains):  # index_select/index_copy_: far faster than advanced indexing
             positions = torch.nonzero(ids == d).squeeze(1)
             rows = idx.index_select(0, positions)

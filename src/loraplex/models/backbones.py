@@ -111,14 +111,23 @@ def create_backbone(section: BackboneSection, *, load: bool = True) -> nn.Module
     kwargs = dict(section.kwargs)
     if section.name in zoo:
         recipe = zoo[section.name]
-        model = _create(recipe["architecture"], False, recipe["img_size"], recipe["kwargs"])
+        # built at the run's input size: Swin's weights do not depend on it (windows do), a ViT's pos_embed does
+        model = _create(recipe["architecture"], False, section.img_size, recipe["kwargs"])
         if load:
             weights = zoo_dir() / recipe["file"]
             if not weights.is_file():
                 raise BackboneError(f"zoo entry {section.name!r} lists {weights}, which is missing")
             if sha256_of(weights) != recipe["sha256"]:
                 raise BackboneError(f"zoo file {weights} does not match its recorded sha256: re-checkout it")
-            load_weights(model, load_file(weights), str(weights))
+            try:
+                load_weights(model, load_file(weights), str(weights))
+            except BackboneError as err:
+                if section.img_size == recipe["img_size"]:
+                    raise
+                raise BackboneError(
+                    f"zoo entry {section.name!r} was trained at {recipe['img_size']} px and its weights do not fit "
+                    f"backbone.img_size={section.img_size}: {err}"
+                ) from err
         return model.eval()
     if section.name not in timm.list_models():
         raise ConfigError(

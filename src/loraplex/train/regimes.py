@@ -17,8 +17,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..core.model import AdaptedModel
-from ..data import DomainData, MultiDomainStream, eval_batches, to_model_input
+from ..data import DomainData, MultiDomainStream, eval_batches, to_model_input, to_tensor_batch
 from ..data.augment import Augment
+from ..data.scenes import scene_target
+from ..eval.dense import DenseMeter, quality, task_loss
 
 
 @dataclass
@@ -101,6 +103,77 @@ class MultiDomainRegime:
                     correct += int((logits.argmax(1) == labels).sum())
             metrics[f"acc/{domain.name}"] = correct / len(domain.labels)
         metrics["acc/mean"] = sum(metrics.values()) / len(metrics)
+        return metrics
+
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)
+
+
+@dataclass
+class MultiTaskBatch:
+    images: torch.Tensor
+    targets: torch.Tensor  # packed dense targets (see loraplex.data.scenes)
+
+
+class MultiTaskRegime:
+    """Dense multi-task: every task's head on every image, one forward (``task="all"``), the weighted sum
+    of the task losses; dense metrics accumulated over the split.  Selection uses the mean of each task's
+    :func:`~loraplex.eval.dense.quality` on validation (Δm needs single-task runs, made separately)."""
+
+    selection_metric = "score/mean"
+
+    def __init__(
+        self,
+        splits: dict[str, list[DomainData]],
+        tasks: list[str],
+        *,
+        weights: dict[str, float],
+        img_size: int,
+        batch_size: int,
+        eval_batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
+        if batch_size % world:
+            raise ValueError(f"train.batch_size={batch_size} must be divisible by the {world} processes")
+        if len(splits["train"]) != 1:
+            raise ValueError("the multitask regime trains on one dense dataset (data.domains: [scenes])")
+        self.splits, self.tasks, self.img_size, self.eval_batch_size = splits, tasks, img_size, eval_batch_size
+        self.weights = {t: weights.get(t, 1.0) for t in tasks}
+        self.stream = MultiDomainStream(
+            splits["train"], batch_size=batch_size, sampling="proportional", seed=seed, rank=rank, world_size=world
+        )
+
+    def next_batch(self) -> MultiTaskBatch:
+        images, targets, _ = self.stream.next_batch()
+        return MultiTaskBatch(to_tensor_batch(images, self.img_size), targets)
+
+    def batch_images(self, batch: MultiTaskBatch) -> int:
+        return int(batch.images.shape[0])
+
+    def loss(self, model: nn.Module, batch: MultiTaskBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        out = model(batch.images, task="all")
+        losses = {t: task_loss(t, out[t], scene_target(batch.targets, t)) for t in self.tasks}
+        total = sum(self.weights[t] * losses[t] for t in self.tasks)
+        return total, {f"loss/{t}": float(v.detach()) for t, v in losses.items()}
+
+    def evaluate(self, model: AdaptedModel, split: str) -> dict[str, float]:
+        (domain,) = self.splits[split]
+        meters = {t: DenseMeter(t, model.head_outputs[t]) for t in self.tasks}
+        for images, targets in eval_batches(domain, self.eval_batch_size):
+            out = model(to_tensor_batch(images, self.img_size), task="all")
+            for t, meter in meters.items():
+                meter.update(out[t], scene_target(targets, t))
+        metrics: dict[str, float] = {}
+        for t, meter in meters.items():
+            result = meter.result()
+            metrics |= {f"{t}/{k}": v for k, v in result.items()}
+            metrics[f"score/{t}"] = quality(t, result)
+        metrics["score/mean"] = sum(metrics[f"score/{t}"] for t in self.tasks) / len(self.tasks)
         return metrics
 
     def state_dict(self) -> dict:

@@ -14,13 +14,14 @@ from ..config import ConfigError, RunConfig, dump_config, from_dict
 from ..core.model import AdaptedModel
 from ..data import DomainData, SourceMissingError
 from ..data.dense import TASK_OUTPUTS
-from ..data.domains import PARTS, domain_classes, domain_parts
+from ..data.domains import PARTS, SCENES, domain_classes, domain_parts
+from ..data.scenes import SCENE_TASKS
 from ..methods import make_config
 from ..models import FrameWise, create_backbone, write_zoo_entry, zoo_entries
 from ..models.dense import SwinPyramid
 from .dist import Dist, init_from_env, shutdown
 from .loop import fit
-from .regimes import MultiDomainRegime
+from .regimes import MultiDomainRegime, MultiTaskRegime
 
 CONFIG_FILE = "config.yaml"
 
@@ -79,11 +80,28 @@ def domain_splits(config: RunConfig) -> dict[str, list[DomainData]]:
     return splits
 
 
-def build_regime(config: RunConfig, dist: Dist) -> MultiDomainRegime:
-    if config.train.regime != "multidomain":
-        raise ConfigError(
-            f"train.regime {config.train.regime!r} builds its model (`loraplex params` works) but cannot train yet: "
-            "the dense multi-task data and regime are not in this version"
+def build_regime(config: RunConfig, dist: Dist) -> MultiDomainRegime | MultiTaskRegime:
+    if config.train.regime == "multitask":
+        if config.data.domains != [SCENES]:
+            raise ConfigError(
+                f"train.regime multitask trains on data.domains: [{SCENES}] (the dense-scenes benchmark); "
+                f"got {config.data.domains}"
+            )
+        if config.data.augment:
+            raise ConfigError("data.augment is for classification: its crops and flips do not move dense targets")
+        missing = sorted(set(config.data.tasks) - set(SCENE_TASKS))
+        if missing:
+            raise ConfigError(f"data.tasks {missing} have no target in {SCENES}; it has {list(SCENE_TASKS)}")
+        return MultiTaskRegime(
+            domain_splits(config),
+            config.data.tasks,
+            weights=config.train.task_weights,
+            img_size=config.backbone.img_size,
+            batch_size=config.train.batch_size,
+            eval_batch_size=config.train.eval_batch_size,
+            seed=config.data.seed + config.train.seed,
+            rank=dist.rank,
+            world=dist.world,
         )
     return MultiDomainRegime(
         domain_splits(config),
