@@ -237,7 +237,7 @@ def test_pretrain_writes_a_zoo_entry_that_loads_by_name_and_is_checked(tmp_path,
     backbone = create_backbone(BackboneSection(name="tiny_zoo", img_size=16))
     for key, value in backbone.state_dict().items():
         assert torch.equal(value, trained[f"backbone.{key}"]), key
-    with pytest.raises(BackboneError, match=r"trained at 16 px .* img_size=32: .*pos_embed"):  # a ViT's pos_embed
+    with pytest.raises(BackboneError, match=r"trained at 16 px .*img_size=32: .*pos_embed"):  # a ViT's pos_embed
         create_backbone(BackboneSection(name="tiny_zoo", img_size=32))
     weights = tmp_path / "zoo" / "tiny_zoo.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8] + b"corrupt!")
