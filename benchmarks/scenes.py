@@ -1,0 +1,167 @@
+"""Benchmark #3 (../shared/specs/benchmarks.md): dense multi-task scenes, MTLoRA's comparison.
+
+Rows: single-task full fine-tuning (one model per task: the Δm reference), multi-task full fine-tuning,
+decoders only, one shared LoRA (trained with the same non-attention modules as MTLoRA), MTLoRA at three
+ranks, MTLoRA+ — per-task metrics, Δm against the single-task models, trainable parameters, train time.
+Every run goes through ``loraplex.train`` with ``configs/scenes.yaml``; finished runs are read back.
+
+``--cost`` measures instead MTLoRA's training-step time over a shared-LoRA-only step on the same backbone
+and batch (interleaved rounds, median of per-round ratios).
+
+    python benchmarks/scenes.py                 # the table, 3 seeds
+    python benchmarks/scenes.py --cost          # the step-time ratio
+    python benchmarks/scenes.py --quick         # smoke run: 1 seed, 6 steps, tiny splits
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from common import Row, machine, run_table
+
+from loraplex.config import from_dict
+from loraplex.eval.dense import PRIMARY, delta_m
+from loraplex.train.dist import Dist
+from loraplex.train.runner import build_model, build_regime
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "scenes.yaml"
+TASKS = ["semseg", "saliency", "normals", "depth"]
+# what MTLoRA trains besides its LoRAs; the shared-LoRA row trains the same, so only the LoRA structure differs
+NON_ATTENTION = ["patch_embed", "norm", "norm1", "norm2", "relative_position_bias_table", "downsample.reduction"]
+COLUMNS = [("semseg", "miou", "semseg mIoU ↑"), ("saliency", "maxf", "sal maxF ↑"), ("saliency", "miou", "sal mIoU ↑"),
+           ("normals", "mean_angle", "normals mean° ↓"), ("normals", "rmse_angle", "normals rms° ↓"),
+           ("depth", "rmse", "depth RMSE ↓")]  # fmt: skip
+
+
+def rows(ranks: tuple[int, ...] = (4, 8, 16)) -> list[Row]:
+    full, lr = {"method": {"name": "full_finetune"}}, {"train": {"lr": 5e-4}}
+    out = [
+        Row(f"single-task full FT · {t}", full, {"train": {"lr": 5e-4, "task_weights": {}}, "data": {"tasks": [t]}})
+        for t in TASKS
+    ]
+    out += [
+        Row("multi-task full FT", full, lr),
+        Row("decoders only", {"method": {"name": "linear_probe"}}, {"train": {"lr": 2e-3}}),
+        Row("one shared LoRA (r=8)", {"method": {"name": "lora", "rank": 8, "alpha": 32.0,
+                                                 "modules_to_save": NON_ATTENTION}}),
+    ]  # fmt: skip
+    out += [Row(f"MTLoRA (R={r}, r_t=4)", {"method": {"name": "mtlora", "rank": r, "task_rank": 4}}) for r in ranks]
+    out.append(Row("MTLoRA+ (R=8, r_t=4)", {"method": {"name": "mtlora_plus", "rank": 8, "task_rank": 4}}))
+    return out
+
+
+def _cell(values: list[float], scale: float) -> str:
+    if len(values) == 1:
+        return f"{scale * values[0]:.2f}"
+    return f"{scale * statistics.fmean(values):.2f} ± {scale * statistics.stdev(values):.2f}"
+
+
+def markdown(table: dict[str, list[dict]], which: str = "best") -> str:
+    """Per-task metrics (mean ± std over seeds), Δm against the mean single-task models, params, time."""
+    single = {t: statistics.fmean(r[which]["test"][f"{t}/{PRIMARY[t][0]}"] for r in table[f"single-task full FT · {t}"])
+              for t in TASKS}  # fmt: skip
+    head = ["row", *[c[2] for c in COLUMNS], "Δm % ↑", "trainable params", "train s / run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
+    singles = [name for name in table if name.startswith("single-task")]
+    for name, runs in table.items():
+        if name in singles:
+            continue
+        cells = [_cell([r[which]["test"][f"{t}/{m}"] for r in runs], 100 if m in ("miou", "maxf") else 1)
+                 for t, m, _ in COLUMNS]  # fmt: skip
+        deltas = [delta_m({t: r[which]["test"][f"{t}/{PRIMARY[t][0]}"] for t in TASKS}, single) for r in runs]
+        params = runs[0]["params"]["trainable"]
+        seconds = statistics.fmean(r["train_seconds"] for r in runs)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_cell(deltas, 1)} | {params:,} | {seconds:.0f} |")
+    cells = [_cell([r[which]["test"][f"{t}/{m}"] for r in table[f"single-task full FT · {t}"]],
+                   100 if m in ("miou", "maxf") else 1) for t, m, _ in COLUMNS]  # fmt: skip
+    params = sum(table[name][0]["params"]["trainable"] for name in singles)
+    seconds = sum(statistics.fmean(r["train_seconds"] for r in table[name]) for name in singles)
+    lines.insert(2, "| single-task full FT (4 models) | " + " | ".join(cells) + f" | 0 | {params:,} | {seconds:.0f} |")
+    return "\n".join(lines)
+
+
+def step_cost(rounds: int, steps: int) -> dict[str, float]:
+    """Median over interleaved rounds of (MTLoRA step time) / (shared-LoRA step time), same batch."""
+    base = yaml.safe_load(CONFIG.read_text())
+    models = {}
+    for name, method in (("mtlora", {"name": "mtlora", "rank": 8, "task_rank": 4}),
+                         ("shared LoRA", {"name": "lora", "rank": 8, "modules_to_save": NON_ATTENTION})):  # fmt: skip
+        raw = copy.deepcopy(base) | {"method": method}
+        raw["data"].update(train_per_domain=64, val_per_domain=8, test_per_domain=8)
+        config = from_dict(raw)
+        torch.manual_seed(0)
+        model = build_model(config).train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        models[name] = (model, optimizer, build_regime(config, Dist()))
+    batch = models["mtlora"][2].next_batch()
+
+    def one(name: str) -> float:
+        model, optimizer, regime = models[name]
+        start = time.perf_counter()
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            loss, _ = regime.loss(model, batch)
+            loss.backward()
+            optimizer.step()
+        return (time.perf_counter() - start) / steps
+
+    one("mtlora"), one("shared LoRA")  # warm-up
+    ratios, times = [], {"mtlora": [], "shared LoRA": []}
+    for _ in range(rounds):
+        for name in times:
+            times[name].append(one(name))
+        ratios.append(times["mtlora"][-1] / times["shared LoRA"][-1])
+    return {
+        "ratio_median": statistics.median(ratios),
+        "ratio_std": statistics.stdev(ratios) if len(ratios) > 1 else 0.0,
+        **{f"{name} s/step": statistics.median(values) for name, values in times.items()},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/scenes"))
+    parser.add_argument("--cost", action="store_true", help="measure the step-time ratio instead of the table")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="1 seed, 6 steps, 48 training scenes")
+    args = parser.parse_args()
+    if args.cost:
+        result = step_cost(2 if args.quick else args.rounds, 1 if args.quick else 5)
+        text = f"Machine: {machine()}. Batch: {yaml.safe_load(CONFIG.read_text())['train']['batch_size']} scenes.\n\n"
+        text += "\n".join(f"- {k}: {v:.4f}" for k, v in result.items())
+        print(text)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "cost.md").write_text(text + "\n")
+        return
+
+    def tweak(base: dict) -> None:
+        base["output"]["tensorboard"] = False
+        if args.quick:
+            base["train"].update(steps=6, warmup_steps=1, eval_every=3, checkpoint_every=3)
+            base["data"].update(train_per_domain=48, val_per_domain=16, test_per_domain=16)
+
+    seeds = args.seeds[:1] if args.quick else args.seeds
+    table = run_table(CONFIG, rows(), seeds, args.out, tweak)
+    text = "\n\n".join(
+        [
+            f"Machine: {machine()}. Seeds: {seeds}. Config: configs/scenes.yaml",
+            "Test metrics at the best validation step (mIoU / maxF in %):\n\n" + markdown(table, "best"),
+        ]
+    )
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "table.md").write_text(text + "\n")
+    (args.out / "table.json").write_text(json.dumps(table, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
