@@ -240,3 +240,7 @@ def test_a_dense_multitask_run_trains_from_the_cli(tmp_path, capsys):
     assert evaluate_run(tmp_path / "run", "best") == pytest.approx(test)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {"loss/semseg", "loss/normals"} <= set(records[0])
+    assert (tmp_path / "run" / "predictions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert cli.main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "report")]) == 0
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert "Dense predictions" in html and "semseg/miou" in html

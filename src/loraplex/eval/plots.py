@@ -139,3 +139,27 @@ def grouped_bars(
     if series:
         _legend(fig, bars, [_text(label) for label, _, _ in series], width_inches)
     return _png(fig)
+
+
+def dense_maps(images: np.ndarray, columns: list[tuple[str, np.ndarray, str]]) -> bytes:
+    """A grid of maps: one row per image, its input first, then each ``(title, maps [N, H, W] or
+    [N, H, W, 3], kind)`` column; ``kind`` is ``labels`` (tab20 colours, class 0 first),
+    ``mask`` / ``scalar`` (grey, per-column range) or ``rgb`` (already in [0, 1])."""
+    rows, cols = len(images), 1 + len(columns)
+    fig = Figure(figsize=(1.5 * cols, 1.5 * rows + 0.4), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for r in range(rows):
+        axes[r, 0].imshow(images[r], cmap="gray", vmin=0, vmax=255)
+        for c, (_, maps, kind) in enumerate(columns, start=1):
+            if kind == "labels":
+                axes[r, c].imshow(maps[r], cmap="tab20", vmin=0, vmax=20, interpolation="nearest")
+            elif kind == "rgb":
+                axes[r, c].imshow(np.clip(maps[r], 0.0, 1.0))
+            else:
+                axes[r, c].imshow(maps[r], cmap="gray", vmin=float(maps.min()), vmax=float(maps.max()))
+    for c, title in enumerate(["input", *[title for title, _, _ in columns]]):
+        axes[0, c].set_title(_text(title), fontsize=9)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return _png(fig)

@@ -27,6 +27,7 @@ from . import plots
 
 CONFIG, METRICS, RESULTS = "config.yaml", "metrics.jsonl", "results.json"
 ANALYSIS = Path("analysis") / "analysis.json"  # written by `loraplex analyze RUN_DIR`
+PREDICTIONS = "predictions.png"  # written at the end of a dense multi-task run
 SEED_KEYS = (("train", "seed"), ("data", "seed"))
 IGNORED_CONFIG = ("output",)  # where a run was written does not change what it measured
 PERCENT_PREFIXES = ("acc/", "miou/")  # fractions in [0, 1], shown as percentages
@@ -457,6 +458,18 @@ def _analysis_section(runs: list[Run]) -> Section | None:
     return Section("Analysis", [intro, *blocks])
 
 
+def _predictions_section(runs: list[Run]) -> Section | None:
+    """True and predicted maps of a few test images, for every dense multi-task run."""
+    blocks: list[Block] = []
+    for run in runs:
+        png = run.path / PREDICTIONS
+        if png.is_file():
+            stem = re.sub(r"[^A-Za-z0-9_.-]", "_", run.name)
+            caption = f"{run.name} ({run.method}, best checkpoint): input, then each task's true and predicted map."
+            blocks.append(Figure(f"predictions_{stem}", png.read_bytes(), caption))
+    return Section("Dense predictions", blocks) if blocks else None
+
+
 def build_sections(runs: list[Run]) -> list[Section]:
     """Every section of a report over ``runs``; incomplete runs appear in the run list and the curves only."""
     all_groups = group_runs(runs)
@@ -475,6 +488,8 @@ def build_sections(runs: list[Run]) -> list[Section]:
         sections.append(_params_section(groups))
     if analysis := _analysis_section(runs):
         sections.append(analysis)
+    if predictions := _predictions_section(runs):
+        sections.append(predictions)
     return sections
 
 

@@ -176,6 +176,31 @@ class MultiTaskRegime:
         metrics["score/mean"] = sum(metrics[f"score/{t}"] for t in self.tasks) / len(self.tasks)
         return metrics
 
+    @torch.no_grad()
+    def prediction_figure(self, model: AdaptedModel, count: int = 4) -> bytes:
+        """Input, then true and predicted maps of every task, for the first ``count`` test images."""
+        from ..eval.plots import dense_maps  # matplotlib only when a figure is asked for
+
+        (domain,) = self.splits["test"]
+        rows = torch.arange(min(count, len(domain)))
+        images, packed = domain.take(rows), domain.labels[rows]
+        out = model(to_tensor_batch(images, self.img_size), task="all")
+        columns = []
+        for t in self.tasks:
+            truth, pred = scene_target(packed, t), out[t]
+            if t == "semseg":
+                pair, kind = (truth, pred.argmax(1)), "labels"
+            elif t == "saliency":
+                pair, kind = (truth, torch.sigmoid(pred[:, 0])), "mask"
+            elif t == "normals":
+                pair, kind = ((truth + 1) / 2, (F.normalize(pred, dim=1) + 1) / 2), "rgb"
+            else:
+                pair, kind = (truth[:, 0], pred[:, 0]), "scalar"
+            for label, maps in zip(("true", "predicted"), pair, strict=True):
+                array = maps.permute(0, 2, 3, 1) if kind == "rgb" else maps
+                columns.append((f"{t} {label}", array.float().numpy(), kind))
+        return dense_maps(images.numpy(), columns)
+
     def state_dict(self) -> dict:
         return self.stream.state_dict()
 

@@ -16,6 +16,7 @@ from ..data import DomainData, SourceMissingError
 from ..data.dense import TASK_OUTPUTS
 from ..data.domains import PARTS, SCENES, domain_classes, domain_parts
 from ..data.scenes import SCENE_TASKS
+from ..eval.report import PREDICTIONS
 from ..methods import make_config
 from ..models import FrameWise, create_backbone, write_zoo_entry, zoo_entries
 from ..models.dense import SwinPyramid
@@ -151,9 +152,13 @@ def train(config: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         model = build_model(config)
         regime = build_regime(config, dist)
         run_dir = prepare_run_dir(config, dist)
-        return fit(
+        results = fit(
             model, regime, config.train, run_dir, dist=dist, tensorboard=config.output.tensorboard, progress=progress
         )
+        if results and isinstance(regime, MultiTaskRegime):  # rank 0: what the best model predicts, for the report
+            _, best = load_run(run_dir, "best")
+            (run_dir / PREDICTIONS).write_bytes(regime.prediction_figure(best))
+        return results
     finally:
         shutdown(dist)
 
