@@ -14,6 +14,7 @@ import loraplex as lp
 from loraplex import cli
 from loraplex.config import ConfigError, from_dict, load_config
 from loraplex.core.layer import AdaptedLinear
+from loraplex.data import SourceMissingError
 from loraplex.data.scenes import dense_scenes, normals_of, scene_target
 from loraplex.eval.dense import DenseMeter, delta_m, task_loss
 from loraplex.models.dense import SwinPyramid, _attention_before_proj, _unwindow, block_streams
@@ -172,7 +173,7 @@ def test_multitask_config_errors_name_the_key(tmp_path):
     for change, message in bad:
         with pytest.raises(ConfigError, match=message):
             from_dict({**raw, **change})
-    with pytest.raises(ConfigError, match=r"trains on data.domains: \[scenes\]"):
+    with pytest.raises(SourceMissingError, match=r"PASCAL_MT from disk: set data.roots.pascal_context"):
         build_regime(load_config(PAPER), None)
 
 

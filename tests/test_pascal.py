@@ -4,6 +4,7 @@ decoding, nearest label resizing, splits, ``limit`` and the missing-data errors.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 from scipy.io import loadmat, savemat
 
+from loraplex import cli
 from loraplex.data.pascal import (
     IGNORE,
     PART_IDS,
@@ -23,6 +25,8 @@ from loraplex.data.pascal import (
     pascal_target,
 )
 from loraplex.data.sources import SourceMissingError
+
+from .tiny import tiny_config
 
 H, W = 20, 24  # source maps: a 4 × 4 grid of 5 × 6 blocks; at size 20 each block becomes an exact 5 × 5 block
 TRAIN = ["2008_000001", "2008_000002", "2008_000003"]
@@ -228,3 +232,21 @@ def test_missing_data_errors_name_the_missing_path(tmp_path: Path, root: Path):
         load_pascal(root, "val", size=8, tasks=("depth",))
     with pytest.raises(ValueError, match="depth"):
         pascal_target(torch.zeros(1, 6, 2, 2), "depth")
+
+
+def test_a_pascal_context_run_trains_mtlora_end_to_end(tmp_path: Path, root: Path):
+    """The paper's data path at toy scale: PASCAL_MT layout → multitask regime → MTLoRA on a tiny Swin."""
+    config = tiny_config(
+        tmp_path / "cfg",
+        backbone={"name": "swin_tiny_patch4_window7_224", "img_size": 32,
+                  "kwargs": {"patch_size": 2, "window_size": 4, "embed_dim": 24, "depths": [2, 2, 2],
+                             "num_heads": [2, 2, 4]}},
+        method={"name": "mtlora", "rank": 2, "task_rank": 2},
+        data={"domains": ["pascal_context"], "roots": {"pascal_context": str(root)}, "tasks": list(PASCAL_TASKS),
+              "train_per_domain": 2, "val_per_domain": 1, "test_per_domain": None},
+        train={"regime": "multitask", "steps": 2, "batch_size": 2, "warmup_steps": 0, "eval_every": 1,
+               "checkpoint_every": 1, "task_weights": {"semseg": 1.0, "parts": 2.0, "saliency": 5.0, "normals": 10.0}},
+    )  # fmt: skip
+    assert cli.main(["train", str(config), "--no-progress"]) == 0
+    test = json.loads((tmp_path / "cfg" / "run" / "results.json").read_text())["best"]["test"]
+    assert {"semseg/miou", "parts/miou", "saliency/maxf", "normals/mean_angle"} <= set(test)

@@ -10,6 +10,9 @@ Three kinds of domain, told apart by name:
 * ``scenes`` — the dense multi-task benchmark (benchmarks.md #3, :mod:`.scenes`): fashion and mnist are
   split first and each part's scenes are made from that part's items; a part has as many scenes as
   the counts say; labels are the packed dense targets;
+* ``pascal_context`` — PASCAL-Context in the PASCAL_MT layout (:mod:`.pascal`, MTLoRA's data) from
+  ``data.roots.pascal_context``: test is the official val list (what the papers report on), validation
+  a seeded draw from the train list; loaded into memory at the run's input size;
 * a video dataset in its standard layout (``ucf101``, ``hmdb51``, ``kinetics400``; ``ucf101:2`` picks
   split fold 2), read from ``data.roots[<name>]`` and decoded on demand.  Test is the official test list
   (Kinetics: ``val.csv``, the set results are reported on); validation is carved from the training list.
@@ -24,7 +27,8 @@ import numpy as np
 import torch
 
 from .motion import PATTERNS, motion_clips
-from .scenes import dense_scenes
+from .pascal import PASCAL_TASKS, load_pascal, pascal_ids, pascal_target
+from .scenes import SCENE_TASKS, dense_scenes, scene_target
 from .sources import KNOWN_CLASSES, ImageSource, SourceMissingError, load_source, num_classes
 from .splits import Splits, class_balanced, split
 from .stream import DomainData
@@ -36,6 +40,8 @@ TEST_LIST = {"ucf101": "test", "hmdb51": "test", "kinetics400": "val"}
 
 
 SCENES = "scenes"
+PASCAL = "pascal_context"
+DENSE_DOMAINS = (SCENES, PASCAL)
 SCENE_SOURCES = (("fashion", 1), ("mnist", 11))  # item source, its first semseg class id
 
 
@@ -81,6 +87,8 @@ def domain_parts(
     counts = {"train": train, "val": val, "test": test}
     if name == SCENES:
         return _scene_parts(seed, counts, size)
+    if name == PASCAL:
+        return _pascal_parts(root, seed, counts, size)
     if name.startswith(MOTION_PREFIX):
         return _motion_parts(name, root, seed, counts, size, frames)
     if clip:
@@ -129,6 +137,40 @@ def _scene_parts(seed: int, counts: dict[str, int | float | None], size: int) ->
         scenes = dense_scenes(pools, int(counts[part]), size=size, seed=_part_seed(seed, k))
         out[part] = DomainData(SCENES, scenes.images, scenes.targets, 0)
     return out
+
+
+Counts = dict[str, int | float | None]
+
+
+def _pascal_parts(root: str | None, seed: int, counts: Counts, size: int) -> dict[str, DomainData]:
+    if root is None:
+        raise SourceMissingError(
+            f"{PASCAL} reads PASCAL_MT from disk: set data.roots.{PASCAL} "
+            f"(e.g. --set data.roots.{PASCAL}=/data/PASCAL_MT)"
+        )
+    pool = len(pascal_ids(root, "train"))
+    n_val = round(counts["val"] * pool) if isinstance(counts["val"], float) else int(counts["val"])
+    n_train = pool - n_val if counts["train"] is None else int(counts["train"])
+    if n_train + n_val > pool:
+        raise ValueError(f"asked for {n_train} train + {n_val} val images of {PASCAL}; its train list has {pool}")
+    images, targets = load_pascal(root, "train", size)
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(pool))
+    val_rows, train_rows = order[:n_val].sort().values, order[n_val : n_val + n_train].sort().values
+    test_images, test_targets = load_pascal(root, "val", size, limit=counts["test"])
+    return {
+        "train": DomainData(PASCAL, images[train_rows], targets[train_rows], 0),
+        "val": DomainData(PASCAL, images[val_rows], targets[val_rows], 0),
+        "test": DomainData(PASCAL, test_images, test_targets, 0),
+    }
+
+
+def dense_target_fn(name: str):
+    """How a dense domain's packed targets unpack into one task's target, and the tasks it has."""
+    if name == SCENES:
+        return scene_target, SCENE_TASKS
+    if name == PASCAL:
+        return pascal_target, PASCAL_TASKS
+    raise ValueError(f"{name!r} is not a dense multi-task dataset; use one of {list(DENSE_DOMAINS)}")
 
 
 def _layout(name: str) -> tuple[str, int]:

@@ -10,6 +10,7 @@ in one process.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,6 @@ from torch.nn import functional as F
 from ..core.model import AdaptedModel
 from ..data import DomainData, MultiDomainStream, eval_batches, to_model_input, to_tensor_batch
 from ..data.augment import Augment
-from ..data.scenes import scene_target
 from ..eval.dense import DenseMeter, quality, task_loss
 
 
@@ -130,6 +130,7 @@ class MultiTaskRegime:
         splits: dict[str, list[DomainData]],
         tasks: list[str],
         *,
+        target_of: Callable[[torch.Tensor, str], torch.Tensor],
         weights: dict[str, float],
         img_size: int,
         batch_size: int,
@@ -144,6 +145,7 @@ class MultiTaskRegime:
             raise ValueError("the multitask regime trains on one dense dataset (data.domains: [scenes])")
         self.splits, self.tasks, self.img_size, self.eval_batch_size = splits, tasks, img_size, eval_batch_size
         self.weights = {t: weights.get(t, 1.0) for t in tasks}
+        self.target_of = target_of  # packed dense targets → one task's target (depends on the dataset)
         self.stream = MultiDomainStream(
             splits["train"], batch_size=batch_size, sampling="proportional", seed=seed, rank=rank, world_size=world
         )
@@ -157,7 +159,7 @@ class MultiTaskRegime:
 
     def loss(self, model: nn.Module, batch: MultiTaskBatch) -> tuple[torch.Tensor, dict[str, float]]:
         out = model(batch.images, task="all")
-        losses = {t: task_loss(t, out[t], scene_target(batch.targets, t)) for t in self.tasks}
+        losses = {t: task_loss(t, out[t], self.target_of(batch.targets, t)) for t in self.tasks}
         total = sum(self.weights[t] * losses[t] for t in self.tasks)
         return total, {f"loss/{t}": float(v.detach()) for t, v in losses.items()}
 
@@ -167,7 +169,7 @@ class MultiTaskRegime:
         for images, targets in eval_batches(domain, self.eval_batch_size):
             out = model(to_tensor_batch(images, self.img_size), task="all")
             for t, meter in meters.items():
-                meter.update(out[t], scene_target(targets, t))
+                meter.update(out[t], self.target_of(targets, t))
         metrics: dict[str, float] = {}
         for t, meter in meters.items():
             result = meter.result()
@@ -187,9 +189,9 @@ class MultiTaskRegime:
         out = model(to_tensor_batch(images, self.img_size), task="all")
         columns = []
         for t in self.tasks:
-            truth, pred = scene_target(packed, t), out[t]
-            if t == "semseg":
-                pair, kind = (truth, pred.argmax(1)), "labels"
+            truth, pred = self.target_of(packed, t), out[t]
+            if t in ("semseg", "parts"):
+                pair, kind = (truth.clamp(max=20), pred.argmax(1)), "labels"  # ignore (255) drawn as the last colour
             elif t == "saliency":
                 pair, kind = (truth, torch.sigmoid(pred[:, 0])), "mask"
             elif t == "normals":

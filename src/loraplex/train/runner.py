@@ -14,8 +14,7 @@ from ..config import ConfigError, RunConfig, dump_config, from_dict
 from ..core.model import AdaptedModel
 from ..data import DomainData, SourceMissingError
 from ..data.dense import TASK_OUTPUTS
-from ..data.domains import PARTS, SCENES, domain_classes, domain_parts
-from ..data.scenes import SCENE_TASKS
+from ..data.domains import DENSE_DOMAINS, PARTS, dense_target_fn, domain_classes, domain_parts
 from ..eval.report import PREDICTIONS
 from ..methods import make_config
 from ..models import FrameWise, create_backbone, write_zoo_entry, zoo_entries
@@ -83,19 +82,22 @@ def domain_splits(config: RunConfig) -> dict[str, list[DomainData]]:
 
 def build_regime(config: RunConfig, dist: Dist) -> MultiDomainRegime | MultiTaskRegime:
     if config.train.regime == "multitask":
-        if config.data.domains != [SCENES]:
+        if len(config.data.domains) != 1 or config.data.domains[0] not in DENSE_DOMAINS:
             raise ConfigError(
-                f"train.regime multitask trains on data.domains: [{SCENES}] (the dense-scenes benchmark); "
+                f"train.regime multitask trains on one dense dataset, data.domains: [{' | '.join(DENSE_DOMAINS)}]; "
                 f"got {config.data.domains}"
             )
         if config.data.augment:
             raise ConfigError("data.augment is for classification: its crops and flips do not move dense targets")
-        missing = sorted(set(config.data.tasks) - set(SCENE_TASKS))
+        target_of, available = dense_target_fn(config.data.domains[0])
+        missing = sorted(set(config.data.tasks) - set(available))
         if missing:
-            raise ConfigError(f"data.tasks {missing} have no target in {SCENES}; it has {list(SCENE_TASKS)}")
+            name = config.data.domains[0]
+            raise ConfigError(f"data.tasks {missing} have no target in {name}; it has {list(available)}")
         return MultiTaskRegime(
             domain_splits(config),
             config.data.tasks,
+            target_of=target_of,
             weights=config.train.task_weights,
             img_size=config.backbone.img_size,
             batch_size=config.train.batch_size,
