@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 from common import Row, machine, run_table
+from torch.utils.flop_counter import FlopCounterMode
 
 from loraplex.config import from_dict
 from loraplex.eval.dense import PRIMARY, delta_m
@@ -36,6 +37,8 @@ CONFIG = ROOT / "configs" / "scenes.yaml"
 TASKS = ["semseg", "saliency", "normals", "depth"]
 # what MTLoRA trains besides its LoRAs; the shared-LoRA row trains the same, so only the LoRA structure differs
 NON_ATTENTION = ["patch_embed", "norm", "norm1", "norm2", "relative_position_bias_table", "downsample.reduction"]
+# MTLoRA's TA-LoRA alone: same rank, scale 4 (alpha / r), dropout 0.05 and non-attention trainables
+SHARED_LORA = {"name": "lora", "rank": 8, "alpha": 32.0, "dropout": 0.05, "modules_to_save": NON_ATTENTION}
 COLUMNS = [("semseg", "miou", "semseg mIoU ↑"), ("saliency", "maxf", "sal maxF ↑"), ("saliency", "miou", "sal mIoU ↑"),
            ("normals", "mean_angle", "normals mean° ↓"), ("normals", "rmse_angle", "normals rms° ↓"),
            ("depth", "rmse", "depth RMSE ↓")]  # fmt: skip
@@ -50,8 +53,7 @@ def rows(ranks: tuple[int, ...] = (4, 8, 16)) -> list[Row]:
     out += [
         Row("multi-task full FT", full, lr),
         Row("decoders only", {"method": {"name": "linear_probe"}}, {"train": {"lr": 2e-3}}),
-        Row("one shared LoRA (r=8)", {"method": {"name": "lora", "rank": 8, "alpha": 32.0,
-                                                 "modules_to_save": NON_ATTENTION}}),
+        Row("one shared LoRA (r=8)", {"method": SHARED_LORA}),
     ]  # fmt: skip
     out += [Row(f"MTLoRA (R={r}, r_t=4)", {"method": {"name": "mtlora", "rank": r, "task_rank": 4}}) for r in ranks]
     out.append(Row("MTLoRA+ (R=8, r_t=4)", {"method": {"name": "mtlora_plus", "rank": 8, "task_rank": 4}}))
@@ -93,7 +95,7 @@ def step_cost(rounds: int, steps: int) -> dict[str, float]:
     base = yaml.safe_load(CONFIG.read_text())
     models = {}
     for name, method in (("mtlora", {"name": "mtlora", "rank": 8, "task_rank": 4}),
-                         ("shared LoRA", {"name": "lora", "rank": 8, "modules_to_save": NON_ATTENTION})):  # fmt: skip
+                         ("shared LoRA", SHARED_LORA)):  # fmt: skip
         raw = copy.deepcopy(base) | {"method": method}
         raw["data"].update(train_per_domain=64, val_per_domain=8, test_per_domain=8)
         config = from_dict(raw)
@@ -113,6 +115,14 @@ def step_cost(rounds: int, steps: int) -> dict[str, float]:
             optimizer.step()
         return (time.perf_counter() - start) / steps
 
+    def flops(name: str) -> int:  # forward + backward of one step: the work the ratio should follow
+        model, _, regime = models[name]
+        with FlopCounterMode(display=False) as counter:
+            regime.loss(model, batch)[0].backward()
+        model.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+
+    work = flops("mtlora") / flops("shared LoRA")
     one("mtlora"), one("shared LoRA")  # warm-up
     ratios, times = [], {"mtlora": [], "shared LoRA": []}
     for _ in range(rounds):
@@ -120,6 +130,7 @@ def step_cost(rounds: int, steps: int) -> dict[str, float]:
             times[name].append(one(name))
         ratios.append(times["mtlora"][-1] / times["shared LoRA"][-1])
     return {
+        "flop_ratio (the extra work)": work,
         "ratio_median": statistics.median(ratios),
         "ratio_std": statistics.stdev(ratios) if len(ratios) > 1 else 0.0,
         **{f"{name} s/step": statistics.median(values) for name, values in times.items()},
