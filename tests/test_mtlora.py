@@ -117,6 +117,8 @@ def test_all_tasks_in_one_pass_equal_each_task_and_zero_task_deltas_share_featur
     with pytest.raises(ValueError, match="every task on every image"):
         model(x, task=torch.tensor([0, 1]))
     assert not model.mergeable
+    with pytest.raises(ValueError, match="not one LoRA per task"):
+        lp.export_peft(model, "/tmp/unused", task="semseg")
 
 
 def test_what_mtlora_and_mtlora_plus_train():

@@ -170,6 +170,11 @@ def export_peft(
     their effective factors.  ``include_head`` writes the task head as the backbone's classifier
     (``modules_to_save``): load it on the same timm model created with that head's class count.
     """
+    if model.streams:
+        raise ValueError(
+            "a model with task streams (MTLoRA's dense blocks) is not one LoRA per task: a task path's frozen "
+            "matmul reads the shared input; save it with model.save instead"
+        )
     t = None if task is None else model.task_index(task)
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
