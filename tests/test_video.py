@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 import loraplex as lp
 from loraplex import cli
@@ -256,6 +257,15 @@ def test_video_layout_domain_carves_val_from_train_and_tests_on_the_official_lis
     assert not (names["train"] & names["val"]) and not (names["train"] | names["val"]) & names["test"]
     assert all(int(n.split("_g")[1][:2]) >= 3 for n in names["test"])  # the official test videos (g03, g04)
     assert sorted(val.labels.tolist()) == [0, 1] and test.take(torch.tensor([0, 3])).shape == (2, 2, 8, 8, 3)
+
+
+def test_image_domains_with_a_colon_stay_image_domains(tmp_path):
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(6):
+            Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / cls / f"{i}.png")
+    parts = domain_parts(f"folder:{tmp_path}", root=None, seed=0, train=4, val=2, test=4, size=8)
+    assert [len(parts[p]) for p in PARTS] == [4, 2, 4] and parts["train"].frames is None
 
 
 @pytest.mark.parametrize(

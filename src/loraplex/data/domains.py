@@ -174,7 +174,10 @@ def dense_target_fn(name: str):
 
 
 def _layout(name: str) -> tuple[str, int]:
+    """``("ucf101", 2)`` for ``ucf101:2``; other names (``folder:<path>``, ``fractals:…``) pass through."""
     layout, _, fold = name.partition(":")
+    if layout not in LAYOUTS:
+        return name, 1
     if fold and not fold.isdigit():
         raise ValueError(f"domain {name!r}: the part after ':' is a split fold (1, 2 or 3)")
     return layout, int(fold or 1)
