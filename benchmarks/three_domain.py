@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--backbone", default=None, help="backbone.name for every transformer row (a zoo entry)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/three_domain"))
+    parser.add_argument("--rows", default=None, help="train only rows whose name contains this (to share work)")
     parser.add_argument("--quick", action="store_true", help="1 seed, 20 steps, 100 training images per domain")
     args = parser.parse_args()
 
@@ -73,6 +74,9 @@ def main() -> None:
 
     seeds = args.seeds[:1] if args.quick else args.seeds
     rows = baseline_rows() if args.table == "baselines" else [CNN_FLOOR, *method_rows(), *subspace_rows()]
+    if args.rows:
+        run_table(CONFIG, [row for row in rows if args.rows in row.name], seeds, args.out, tweak)
+        return
     table = {"logistic regression on raw pixels": pixel_floor(CONFIG, seeds, tweak)}
     table |= run_table(CONFIG, rows, seeds, args.out, tweak)
     header = f"Machine: {machine()}. Seeds: {seeds}. Config: configs/three_domain.yaml" + (
