@@ -20,13 +20,22 @@ from loraplex.data.pascal import (
     PARTS_CLASSES,
     PASCAL_TASKS,
     TARGET_CHANNELS,
-    load_pascal,
+    PascalDomain,
+    pascal_domain,
     pascal_ids,
     pascal_target,
 )
 from loraplex.data.sources import SourceMissingError
 
 from .tiny import tiny_config
+
+
+def load(root: Path, split: str, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image and packed target of a split, read through the lazy domain."""
+    domain = pascal_domain(root, split, **kwargs)
+    rows = torch.arange(len(domain))
+    return domain.take(rows), domain.take_labels(rows)
+
 
 H, W = 20, 24  # source maps: a 4 × 4 grid of 5 × 6 blocks; at size 20 each block becomes an exact 5 × 5 block
 TRAIN = ["2008_000001", "2008_000002", "2008_000003"]
@@ -138,7 +147,7 @@ def test_part_mapping_follows_the_reference():
 
 
 def test_native_size_targets(root: Path):
-    images, targets = load_pascal(root, "train", size=20)
+    images, targets = load(root, "train", size=20)
     assert images.shape == (3, 20, 20, 3) and images.dtype == torch.uint8
     assert targets.shape == (3, 6, 20, 20) and targets.dtype == torch.float16
     for k in range(3):  # ids in split-file order; JPEG is lossy, so a few levels of slack
@@ -160,14 +169,14 @@ def test_native_size_targets(root: Path):
 
 
 def test_person_without_parts_is_ignored_and_unpainted_pixels_are_background(root: Path):
-    _, targets = load_pascal(root, "val", size=20)
+    _, targets = load(root, "val", size=20)
     parts = pascal_target(targets, "parts")
     assert (parts[0] == IGNORE).all()
     assert set(parts[1].unique().tolist()) == {0, 1} and (parts[1, 5:10, 5:10] == 1).all()
 
 
 def test_normals_decode_to_unit_vectors_and_invalid_is_zero(root: Path):
-    _, targets = load_pascal(root, "train", size=20, limit=1)
+    _, targets = load(root, "train", size=20, limit=1)
     normals = pascal_target(targets, "normals")[0]
     assert normals.shape == (3, 20, 20)
     assert (normals[:, :, 0:5] == 0).all()  # black PNG pixels are invalid
@@ -185,7 +194,7 @@ def test_normals_decode_to_unit_vectors_and_invalid_is_zero(root: Path):
 
 @pytest.mark.parametrize("size", [7, 33])
 def test_resizing_keeps_label_values_in_their_sets(root: Path, size: int):
-    images, targets = load_pascal(root, "train", size=size)
+    images, targets = load(root, "train", size=size)
     assert images.shape == (3, size, size, 3) and targets.shape == (3, 6, size, size)
     assert set(pascal_target(targets, "semseg").unique().tolist()) <= set(SEMSEG.ravel().tolist())
     assert set(pascal_target(targets, "parts").unique().tolist()) <= set(range(PARTS_CLASSES)) | {IGNORE}
@@ -197,13 +206,24 @@ def test_resizing_keeps_label_values_in_their_sets(root: Path, size: int):
 
 def test_splits_and_limit(root: Path):
     assert pascal_ids(root, "train") == TRAIN and pascal_ids(root, "val") == VAL  # blank lines skipped
-    images, _ = load_pascal(root, "val", size=8)
+    images, _ = load(root, "val", size=8)
     assert len(images) == 2
-    all_train, all_targets = load_pascal(root, "train", size=8)
-    first_two, first_targets = load_pascal(root, "train", size=8, limit=2)
+    all_train, all_targets = load(root, "train", size=8)
+    first_two, first_targets = load(root, "train", size=8, limit=2)
     assert len(first_two) == 2 and torch.equal(first_two, all_train[:2]) and torch.equal(first_targets, all_targets[:2])
     with pytest.raises(ValueError, match="splits"):
         pascal_ids(root, "test")
+
+
+def test_the_domain_reads_on_demand_and_resizes_like_a_fresh_load(root: Path):
+    domain = pascal_domain(root, "train", size=20)
+    assert isinstance(domain, PascalDomain) and domain.images.numel() == 0 and len(domain) == 3
+    assert domain.sample_shape == (20, 20, 3) and domain.rgb
+    rows = torch.tensor([2, 0])
+    images, targets = load(root, "train", size=12)
+    small = domain.resized(12)
+    assert torch.equal(small.take(rows), images[rows]) and torch.equal(small.take_labels(rows), targets[rows])
+    assert small.take_labels(torch.tensor([], dtype=torch.long)).shape == (0, 6, 12, 12)
 
 
 def test_unrequested_tasks_are_filled_and_their_folders_may_be_missing(root: Path):
@@ -211,25 +231,28 @@ def test_unrequested_tasks_are_filled_and_their_folders_may_be_missing(root: Pat
         for f in (root / folder).iterdir():
             f.unlink()
         (root / folder).rmdir()
-    _, targets = load_pascal(root, "train", size=10, tasks=("semseg",))
+    _, targets = load(root, "train", size=10, tasks=("semseg",))
     assert (targets[:, TARGET_CHANNELS["parts"]] == IGNORE).all()
     assert (targets[:, TARGET_CHANNELS["saliency"]] == IGNORE).all()
     assert (targets[:, TARGET_CHANNELS["normals"]] == 0).all()
     assert (pascal_target(targets, "semseg") != IGNORE).any()
     with pytest.raises(SourceMissingError, match="human_parts"):
-        load_pascal(root, "train", size=10, tasks=PASCAL_TASKS)
+        load(root, "train", size=10, tasks=PASCAL_TASKS)
 
 
 def test_missing_data_errors_name_the_missing_path(tmp_path: Path, root: Path):
     with pytest.raises(SourceMissingError, match=r"ImageSets/Context/train\.txt.*PASCAL_MT\.tgz"):
         pascal_ids(tmp_path / "nowhere", "train")
     with pytest.raises(SourceMissingError, match="ImageSets"):
-        load_pascal(tmp_path / "nowhere", "val", size=8)
+        load(tmp_path / "nowhere", "val", size=8)
+    (root / "sal_distill" / f"{TRAIN[2]}.png").unlink()
+    with pytest.raises(SourceMissingError, match=f"sal_distill/{TRAIN[2]}.png"):  # at construction, before any read
+        pascal_domain(root, "train", size=8)
     (root / "JPEGImages" / f"{VAL[1]}.jpg").unlink()
     with pytest.raises(SourceMissingError, match=f"{VAL[1]}.jpg"):
-        load_pascal(root, "val", size=8)
+        pascal_domain(root, "val", size=8)
     with pytest.raises(ValueError, match="depth"):
-        load_pascal(root, "val", size=8, tasks=("depth",))
+        load(root, "val", size=8, tasks=("depth",))
     with pytest.raises(ValueError, match="depth"):
         pascal_target(torch.zeros(1, 6, 2, 2), "depth")
 

@@ -1,6 +1,6 @@
 """From a domain name in a run config to its train / val / test :class:`DomainData`.
 
-Three kinds of domain, told apart by name:
+Five kinds of domain, told apart by name:
 
 * an image source (``fashion``, ``mnist``, ``digits``, ``folder:<path>`` …, see :mod:`.sources`);
 * ``motion:<image source>`` — the offline video benchmark (benchmarks.md #2): clips in which an image
@@ -12,7 +12,8 @@ Three kinds of domain, told apart by name:
   the counts say; labels are the packed dense targets;
 * ``pascal_context`` — PASCAL-Context in the PASCAL_MT layout (:mod:`.pascal`, MTLoRA's data) from
   ``data.roots.pascal_context``: test is the official val list (what the papers report on), validation
-  a seeded draw from the train list; loaded into memory at the run's input size;
+  a seeded draw from the train list; decoded on demand at the run's input size (every file checked
+  to exist up front);
 * a video dataset in its standard layout (``ucf101``, ``hmdb51``, ``kinetics400``; ``ucf101:2`` picks
   split fold 2), read from ``data.roots[<name>]`` and decoded on demand.  Test is the official test list
   (Kinetics: ``val.csv``, the set results are reported on); validation is carved from the training list.
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from .motion import PATTERNS, motion_clips
-from .pascal import PASCAL_TASKS, load_pascal, pascal_ids, pascal_target
+from .pascal import PASCAL_NAME, PASCAL_TASKS, PascalDomain, pascal_domain, pascal_ids, pascal_target
 from .scenes import SCENE_TASKS, dense_scenes, scene_target
 from .sources import KNOWN_CLASSES, ImageSource, SourceMissingError, load_source, num_classes
 from .splits import Splits, class_balanced, split
@@ -40,7 +41,7 @@ TEST_LIST = {"ucf101": "test", "hmdb51": "test", "kinetics400": "val"}
 
 
 SCENES = "scenes"
-PASCAL = "pascal_context"
+PASCAL = PASCAL_NAME
 DENSE_DOMAINS = (SCENES, PASCAL)
 SCENE_SOURCES = (("fashion", 1), ("mnist", 11))  # item source, its first semseg class id
 
@@ -153,14 +154,13 @@ def _pascal_parts(root: str | None, seed: int, counts: Counts, size: int) -> dic
     n_train = pool - n_val if counts["train"] is None else int(counts["train"])
     if n_train + n_val > pool:
         raise ValueError(f"asked for {n_train} train + {n_val} val images of {PASCAL}; its train list has {pool}")
-    images, targets = load_pascal(root, "train", size)
-    order = torch.from_numpy(np.random.default_rng(seed).permutation(pool))
-    val_rows, train_rows = order[:n_val].sort().values, order[n_val : n_val + n_train].sort().values
-    test_images, test_targets = load_pascal(root, "val", size, limit=counts["test"])
+    ids = pascal_ids(root, "train")
+    order = np.random.default_rng(seed).permutation(pool)
+    val_rows, train_rows = np.sort(order[:n_val]), np.sort(order[n_val : n_val + n_train])
     return {
-        "train": DomainData(PASCAL, images[train_rows], targets[train_rows], 0),
-        "val": DomainData(PASCAL, images[val_rows], targets[val_rows], 0),
-        "test": DomainData(PASCAL, test_images, test_targets, 0),
+        "train": PascalDomain(root, [ids[r] for r in train_rows], size),
+        "val": PascalDomain(root, [ids[r] for r in val_rows], size),
+        "test": pascal_domain(root, "val", size, limit=counts["test"]),
     }
 
 

@@ -38,7 +38,9 @@ import torch
 import torch.nn.functional as F
 
 from .sources import SourceMissingError
+from .stream import DomainData
 
+PASCAL_NAME = "pascal_context"
 PASCAL_TASKS = ("semseg", "parts", "saliency", "normals")
 SEMSEG_CLASSES = 21
 PARTS_CLASSES = 7
@@ -161,47 +163,97 @@ def _bilinear(channels_last: np.ndarray, size: int) -> torch.Tensor:
     return grid[0]
 
 
-def load_pascal(
-    root: str | Path, split: str, size: int, tasks: Sequence[str] = PASCAL_TASKS, limit: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``limit`` (default all) images of ``split``: uint8 ``[N, size, size, 3]`` and packed float16
-    targets ``[N, 6, size, size]`` (see :data:`TARGET_CHANNELS`); tasks not asked for are left at 255 / 0, so
-    their folders need not exist."""
-    from PIL import Image
-
+def _check_layout(root: Path, ids: Sequence[str], tasks: Sequence[str]) -> None:
+    """Every file a run will read exists, so a missing one fails now, not hours into training."""
     unknown = set(tasks) - set(PASCAL_TASKS)
     if unknown:
         raise ValueError(f"PASCAL-Context has no task {sorted(unknown)}; it has {list(PASCAL_TASKS)}")
-    root = Path(root).expanduser()
-    ids = pascal_ids(root, split)[:limit]
     _require(root / "JPEGImages", "image folder")
     if "semseg" in tasks and not (root / "semseg" / "VOC12").is_dir():
         _require(root / "semseg" / "pascal-context", "semantic segmentation folder")
     for task, folder in _FOLDERS.items():
         if task in tasks:
             _require(root / folder, f"{task} folder")
-
-    images = torch.empty(len(ids), size, size, 3, dtype=torch.uint8)
-    targets = torch.empty(len(ids), 6, size, size, dtype=torch.float16)
-    for task, channels in TARGET_CHANNELS.items():
-        targets[:, channels] = TARGET_FILL[task]
-    for n, image_id in enumerate(ids):
-        with Image.open(_require(root / "JPEGImages" / f"{image_id}.jpg", "image")) as image:
-            rgb = np.asarray(image.convert("RGB"))
-        images[n] = _bilinear(rgb, size).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
+    for image_id in ids:  # parts are optional per image (no .mat: ignored), the other maps are not
+        _require(root / "JPEGImages" / f"{image_id}.jpg", "image")
         if "semseg" in tasks:
-            targets[n, 0] = _nearest(_read_label_png(_semseg_file(root, image_id)), size)
-        if "parts" in tasks:
-            targets[n, 1] = _nearest(_read_parts(root / "human_parts" / f"{image_id}.mat", rgb.shape[:2]), size)
+            _require(_semseg_file(root, image_id), "label map")
         if "saliency" in tasks:
-            targets[n, 2] = _nearest(_read_saliency(root / "sal_distill" / f"{image_id}.png"), size)
+            _require(root / "sal_distill" / f"{image_id}.png", "saliency map")
         if "normals" in tasks:
+            _require(root / "normals_distill" / f"{image_id}.png", "normal map")
+
+
+class PascalDomain(DomainData):
+    """PASCAL-Context images of one split as a dense domain, decoded and resized on demand: held in memory at
+    448 px the train and val splits would take ~36 GB (packed float16 targets are 12 bytes a pixel).
+
+    ``take`` gives uint8 images ``[n, size, size, 3]``, ``take_labels`` packed float16 targets
+    ``[n, 6, size, size]`` (see :data:`TARGET_CHANNELS`); tasks not asked for are left at 255 / 0, so their
+    folders need not exist.
+    """
+
+    def __init__(self, root: str | Path, ids: Sequence[str], size: int, tasks: Sequence[str] = PASCAL_TASKS) -> None:
+        root = Path(root).expanduser()
+        _check_layout(root, ids, tasks)
+        super().__init__(PASCAL_NAME, torch.empty(0, dtype=torch.uint8), torch.empty(0), 0)
+        self.root, self.ids, self.size, self.tasks = root, list(ids), size, tuple(tasks)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return (self.size, self.size, 3)
+
+    def take(self, rows: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        from PIL import Image
+
+        out = torch.empty(len(rows), self.size, self.size, 3, dtype=torch.uint8)
+        for n, row in enumerate(rows.tolist()):
+            with Image.open(self.root / "JPEGImages" / f"{self.ids[row]}.jpg") as image:
+                rgb = np.asarray(image.convert("RGB"))
+            out[n] = _bilinear(rgb, self.size).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
+        return out
+
+    def take_labels(self, rows: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(len(rows), 6, self.size, self.size, dtype=torch.float16)
+        for task, channels in TARGET_CHANNELS.items():
+            out[:, channels] = TARGET_FILL[task]
+        for n, row in enumerate(rows.tolist()):
+            self._targets(self.ids[row], out[n])
+        return out
+
+    def _targets(self, image_id: str, out: torch.Tensor) -> None:
+        root, size = self.root, self.size
+        if "semseg" in self.tasks:
+            out[0] = _nearest(_read_label_png(_semseg_file(root, image_id)), size)
+        if "parts" in self.tasks:
+            from PIL import Image
+
+            with Image.open(root / "JPEGImages" / f"{image_id}.jpg") as image:
+                shape = (image.height, image.width)
+            out[1] = _nearest(_read_parts(root / "human_parts" / f"{image_id}.mat", shape), size)
+        if "saliency" in self.tasks:
+            out[2] = _nearest(_read_saliency(root / "sal_distill" / f"{image_id}.png"), size)
+        if "normals" in self.tasks:
             normals, valid = _read_normals(root / "normals_distill" / f"{image_id}.png")
             vectors = _bilinear(normals, size)
             norm = vectors.norm(dim=0, keepdim=True)
             keep = (_nearest(valid, size) > 0) & (norm[0] > 1e-6)
-            targets[n, 3:6] = torch.where(keep, vectors / norm.clamp_min(1e-6), torch.zeros(()))
-    return images, targets
+            out[3:6] = torch.where(keep, vectors / norm.clamp_min(1e-6), torch.zeros(()))
+
+    def resized(self, size: int, channels: int | None = None) -> PascalDomain:
+        if channels not in (None, 3):
+            raise ValueError("PASCAL-Context images are RGB")
+        return PascalDomain(self.root, self.ids, size, self.tasks)
+
+
+def pascal_domain(
+    root: str | Path, split: str, size: int, tasks: Sequence[str] = PASCAL_TASKS, limit: int | None = None
+) -> PascalDomain:
+    """The first ``limit`` (default all) images of ``split`` (train or val), in split-file order."""
+    return PascalDomain(root, pascal_ids(root, split)[:limit], size, tasks)
 
 
 def pascal_target(packed: torch.Tensor, task: str) -> torch.Tensor:

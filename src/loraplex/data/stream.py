@@ -75,6 +75,10 @@ class DomainData:
         domains whose samples are random per draw (video segment offsets)."""
         return self.images.index_select(0, rows)
 
+    def take_labels(self, rows: torch.Tensor) -> torch.Tensor:
+        """The labels (class ids, or packed dense targets) at `rows`; read from disk by lazy domains."""
+        return self.labels.index_select(0, rows)
+
     def resized(self, size: int, channels: int | None = None) -> DomainData:
         """The same domain at `size`×`size` uint8 (`channels` 1 or 3, default unchanged), so domains of different
         native sizes can share one stream."""
@@ -95,7 +99,7 @@ def eval_batches(domain: DomainData, batch_size: int) -> Iterator[tuple[torch.Te
     """(samples, labels) batches of `domain` in order, every sample exactly once."""
     for start in range(0, len(domain), batch_size):
         rows = torch.arange(start, min(start + batch_size, len(domain)))
-        yield domain.take(rows), domain.labels[start : start + batch_size]
+        yield domain.take(rows), domain.take_labels(rows)
 
 
 def _probabilities(sizes: list[int], sampling: Sampling, temperature: float) -> np.ndarray:
@@ -181,13 +185,16 @@ class MultiDomainStream:
         ids = torch.from_numpy(domain_ids[self.rank :: self.world_size].astype(np.int64))
         idx = torch.from_numpy(index[self.rank :: self.world_size])
         images = torch.empty((len(ids), *self.domains[0].sample_shape), dtype=torch.uint8)
-        first = self.domains[0].labels  # class ids [N], or packed dense targets [N, C, H, W]
-        labels = torch.empty((len(ids), *first.shape[1:]), dtype=first.dtype)
+        labels: torch.Tensor | None = None  # class ids [B], or packed dense targets [B, C, H, W]
         for d, domain in enumerate(self.domains):  # index_select/index_copy_: far faster than advanced indexing
             positions = torch.nonzero(ids == d).squeeze(1)
             rows = idx.index_select(0, positions)
             images.index_copy_(0, positions, domain.take(rows, step=self.step - 1))
-            labels.index_copy_(0, positions, domain.labels.index_select(0, rows))
+            chunk = domain.take_labels(rows)
+            if labels is None:
+                labels = chunk.new_empty((len(ids), *chunk.shape[1:]))
+            labels.index_copy_(0, positions, chunk)
+        assert labels is not None  # the stream has at least one domain
         return images, labels, ids
 
     def state_dict(self) -> dict:

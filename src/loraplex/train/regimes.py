@@ -185,7 +185,7 @@ class MultiTaskRegime:
 
         (domain,) = self.splits["test"]
         rows = torch.arange(min(count, len(domain)))
-        images, packed = domain.take(rows), domain.labels[rows]
+        images, packed = domain.take(rows), domain.take_labels(rows)
         out = model(to_tensor_batch(images, self.img_size), task="all")
         columns = []
         for t in self.tasks:
