@@ -18,7 +18,9 @@ import torch
 import yaml
 
 from loraplex.config import from_dict
-from loraplex.eval.floors import pixel_logistic_regression
+from loraplex.data.dense import TASK_OUTPUTS
+from loraplex.data.domains import dense_target_fn
+from loraplex.eval.floors import dense_pixel_floor, pixel_logistic_regression
 from loraplex.train.runner import domain_splits, train
 
 
@@ -100,7 +102,8 @@ def run_table(
 
 
 def pixel_floor(base_path: Path, seeds: list[int], tweak: Callable[[dict], None] | None = None) -> list[dict]:
-    """Logistic regression on raw pixels on exactly the runs' splits, one result per seed."""
+    """Logistic regression on raw pixels on exactly the runs' splits, one result per seed (for a dense
+    multitask config, the per-pixel linear models of ``dense_pixel_floor``)."""
     base = yaml.safe_load(base_path.read_text())
     if tweak is not None:
         tweak(base)
@@ -108,7 +111,11 @@ def pixel_floor(base_path: Path, seeds: list[int], tweak: Callable[[dict], None]
     for seed in seeds:
         config = from_dict(row_config(base, Row("pixels"), seed, Path("/tmp")))
         splits = domain_splits(config)
-        test = pixel_logistic_regression(splits["train"], splits["val"], splits["test"])
+        if config.train.regime == "multitask":
+            target_of, _ = dense_target_fn(config.data.domains[0])
+            test = dense_pixel_floor(splits, config.data.tasks, TASK_OUTPUTS, target_of, seed)
+        else:
+            test = pixel_logistic_regression(splits["train"], splits["val"], splits["test"])
         out.append({"best": {"test": test}, "last": {"test": test}, "params": {"trainable": 0}, "train_seconds": 0.0})
     return out
 

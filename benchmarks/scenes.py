@@ -1,6 +1,8 @@
 """Benchmark #3 (../shared/specs/benchmarks.md): dense multi-task scenes, MTLoRA's comparison.
 
-Rows: single-task full fine-tuning (one model per task: the Δm reference), multi-task full fine-tuning,
+Rows: the two floors of every table (per-pixel linear models on raw 5×5 pixel patches; resnet10t from
+scratch under the same dense heads), single-task full fine-tuning (one model per task: the Δm reference),
+multi-task full fine-tuning,
 decoders only, one shared LoRA (trained with the same non-attention modules as MTLoRA), MTLoRA at three
 ranks, MTLoRA+ — per-task metrics, Δm against the single-task models, trainable parameters, train time.
 Every run goes through ``loraplex.train`` with ``configs/scenes.yaml``; finished runs are read back.
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from common import Row, machine, run_table
+from common import CNN_FLOOR, Row, machine, pixel_floor, run_table
 from torch.utils.flop_counter import FlopCounterMode
 
 from loraplex.config import from_dict
@@ -46,7 +48,8 @@ COLUMNS = [("semseg", "miou", "semseg mIoU ↑"), ("saliency", "maxf", "sal maxF
 
 def rows(ranks: tuple[int, ...] = (4, 8, 16)) -> list[Row]:
     full, lr = {"method": {"name": "full_finetune"}}, {"train": {"lr": 5e-4}}
-    out = [
+    out = [CNN_FLOOR]
+    out += [
         Row(f"single-task full FT · {t}", full, {"train": {"lr": 5e-4, "task_weights": {}}, "data": {"tasks": [t]}})
         for t in TASKS
     ]
@@ -75,6 +78,13 @@ def markdown(table: dict[str, list[dict]], which: str = "best") -> str:
     singles = [name for name in table if name.startswith("single-task")]
     for name, runs in table.items():
         if name in singles:
+            if name == singles[0]:  # the four single-task models, as one row: each task's own model
+                cells = [_cell([r[which]["test"][f"{t}/{m}"] for r in table[f"single-task full FT · {t}"]],
+                               100 if m in ("miou", "maxf") else 1) for t, m, _ in COLUMNS]  # fmt: skip
+                params = sum(table[s][0]["params"]["trainable"] for s in singles)
+                seconds = sum(statistics.fmean(r["train_seconds"] for r in table[s]) for s in singles)
+                lines.append(f"| single-task full FT ({len(singles)} models) | " + " | ".join(cells)
+                             + f" | 0 | {params:,} | {seconds:.0f} |")  # fmt: skip
             continue
         cells = [_cell([r[which]["test"][f"{t}/{m}"] for r in runs], 100 if m in ("miou", "maxf") else 1)
                  for t, m, _ in COLUMNS]  # fmt: skip
@@ -82,11 +92,6 @@ def markdown(table: dict[str, list[dict]], which: str = "best") -> str:
         params = runs[0]["params"]["trainable"]
         seconds = statistics.fmean(r["train_seconds"] for r in runs)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {_cell(deltas, 1)} | {params:,} | {seconds:.0f} |")
-    cells = [_cell([r[which]["test"][f"{t}/{m}"] for r in table[f"single-task full FT · {t}"]],
-                   100 if m in ("miou", "maxf") else 1) for t, m, _ in COLUMNS]  # fmt: skip
-    params = sum(table[name][0]["params"]["trainable"] for name in singles)
-    seconds = sum(statistics.fmean(r["train_seconds"] for r in table[name]) for name in singles)
-    lines.insert(2, "| single-task full FT (4 models) | " + " | ".join(cells) + f" | 0 | {params:,} | {seconds:.0f} |")
     return "\n".join(lines)
 
 
@@ -161,7 +166,8 @@ def main() -> None:
             base["data"].update(train_per_domain=48, val_per_domain=16, test_per_domain=16)
 
     seeds = args.seeds[:1] if args.quick else args.seeds
-    table = run_table(CONFIG, rows(), seeds, args.out, tweak)
+    table = {"linear on raw 5×5 pixel patches": pixel_floor(CONFIG, seeds, tweak)}
+    table |= run_table(CONFIG, rows(), seeds, args.out, tweak)
     text = "\n\n".join(
         [
             f"Machine: {machine()}. Seeds: {seeds}. Config: configs/scenes.yaml",

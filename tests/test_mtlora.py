@@ -15,11 +15,13 @@ from loraplex import cli
 from loraplex.config import ConfigError, from_dict, load_config
 from loraplex.core.layer import AdaptedLinear
 from loraplex.data import SourceMissingError
+from loraplex.data.dense import TASK_OUTPUTS
 from loraplex.data.scenes import dense_scenes, normals_of, scene_target
 from loraplex.eval.dense import DenseMeter, delta_m, task_loss
-from loraplex.models.dense import SwinPyramid, _attention_before_proj, _unwindow, block_streams
+from loraplex.eval.floors import dense_pixel_floor
+from loraplex.models.dense import SwinPyramid, TimmPyramid, _attention_before_proj, _unwindow, block_streams
 from loraplex.models.heads import DenseHead
-from loraplex.train.runner import build_regime, evaluate_run
+from loraplex.train.runner import build_regime, domain_splits, evaluate_run
 
 from .tiny import randomize_adapters, tiny_config
 
@@ -247,3 +249,43 @@ def test_a_dense_multitask_run_trains_from_the_cli(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "report")]) == 0
     html = (tmp_path / "report" / "report.html").read_text()
     assert "Dense predictions" in html and "semseg/miou" in html
+
+
+def test_a_cnn_is_a_dense_backbone_from_its_stages_after_the_stem(tmp_path):
+    """The dense benchmark's small-CNN floor: timm stage outputs under the same dense heads, same loop."""
+    cnn = timm.create_model("resnet10t", pretrained=False, num_classes=0).eval()
+    pyramid = TimmPyramid(cnn)
+    features = pyramid(x_images())
+    assert pyramid.num_features == [64, 128, 256, 512] == [f.shape[1] for f in features]
+    assert [f.shape[-1] for f in features] == [8, 4, 2, 1]  # strides 4 … 32 at 32 px
+    expected = cnn.forward_intermediates(x_images(), indices=[1, 2, 3, 4], intermediates_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(features, expected, strict=True))
+    with pytest.raises(ValueError, match="no stage features"):
+        TimmPyramid(torch.nn.Linear(2, 2))
+    config = tiny_config(
+        tmp_path,
+        backbone={"name": "resnet10t", "img_size": 32, "kwargs": {}},
+        method={"name": "full_finetune"},
+        data={"domains": ["scenes"], "tasks": ["semseg", "depth"], "train_per_domain": 16, "val_per_domain": 8,
+              "test_per_domain": 8},
+        train={"regime": "multitask", "steps": 2, "batch_size": 4, "warmup_steps": 0, "eval_every": 2},
+    )  # fmt: skip
+    assert cli.main(["train", str(config), "--no-progress"]) == 0
+    test = json.loads((tmp_path / "run" / "results.json").read_text())["best"]["test"]
+    assert {"semseg/miou", "depth/rmse"} <= set(test)
+
+
+def test_dense_pixel_floor_reads_what_raw_pixels_show():
+    """Per-pixel linear models on raw patches: saliency of items on a black canvas is visible in the pixels
+    (near-perfect), item classes are not (far below); metrics are named as the multitask regime names them."""
+    config = from_dict(
+        {"backbone": {"name": "swin_clipart_tiny", "img_size": 32}, "method": {"name": "linear_probe"},
+         "data": {"domains": ["scenes"], "tasks": ["semseg", "saliency", "normals", "depth"],
+                  "train_per_domain": 48, "val_per_domain": 16, "test_per_domain": 16},
+         "train": {"regime": "multitask"}}
+    )  # fmt: skip
+    metrics = dense_pixel_floor(domain_splits(config), config.data.tasks, TASK_OUTPUTS, scene_target)
+    assert set(metrics) == {"semseg/miou", "saliency/miou", "saliency/maxf", "normals/mean_angle",
+                            "normals/rmse_angle", "depth/rmse"}  # fmt: skip
+    assert metrics["saliency/maxf"] > 0.95 and metrics["semseg/miou"] < 0.5
+    assert 0 < metrics["normals/mean_angle"] <= metrics["normals/rmse_angle"] < 90 and 0 < metrics["depth/rmse"] < 1

@@ -14,6 +14,9 @@ the task's input (:meth:`~loraplex.core.layer.AdaptedLinear.forward_streams`).  
 output is added to the *shared* block input, ``norm2`` is applied to every stream, and each task's
 block output goes through the stage's patch merging to become that task's feature; only the shared
 stream continues to the next stage.
+
+Any other timm model with ``forward_intermediates`` (a CNN: the small-CNN floor of the dense benchmark)
+becomes a dense backbone through :class:`TimmPyramid` — shared pyramid only, no task streams.
 """
 
 from __future__ import annotations
@@ -77,6 +80,29 @@ class SwinPyramid(nn.Module):
             for t in range(num_tasks):
                 per_task[t].append(merged[t].permute(0, 3, 1, 2))
         return per_task
+
+
+class TimmPyramid(nn.Module):
+    """A timm model's stage outputs after its stem (``feature_info[1:]``: ResNet's ``layer1`` … ``layer4``, at
+    strides 4 to 32) as a pyramid ``[B, C_i, H_i, W_i]``; the stem's stride-2 map would only add cost."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        info = getattr(model, "feature_info", None)
+        if not hasattr(model, "forward_intermediates") or not info or len(info) < 2:
+            raise ValueError(f"{type(model).__name__} gives no stage features (timm forward_intermediates)")
+        self.model = model
+        self.indices = list(range(1, len(info)))
+        self.feature_channels = [int(info[i]["num_chs"]) for i in self.indices]
+        self.num_features = self.feature_channels
+        self.pretrained_cfg = getattr(model, "pretrained_cfg", None) or {}
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.model.forward_intermediates(x, indices=self.indices, intermediates_only=True))
+
+    def forward_tasks(self, x: torch.Tensor, num_tasks: int) -> list[list[torch.Tensor]]:
+        """Every task reads the one shared pyramid (a CNN has no task-specific layers), computed once."""
+        return [self.forward(x)] * num_tasks
 
 
 def _streaming(block: SwinTransformerBlock) -> bool:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 import yaml
+from timm.models.swin_transformer import SwinTransformer
 
 from .. import api
 from ..config import ConfigError, RunConfig, dump_config, from_dict
@@ -18,7 +19,7 @@ from ..data.domains import DENSE_DOMAINS, PARTS, dense_target_fn, domain_classes
 from ..eval.report import PREDICTIONS
 from ..methods import make_config
 from ..models import FrameWise, create_backbone, write_zoo_entry, zoo_entries
-from ..models.dense import SwinPyramid
+from ..models.dense import SwinPyramid, TimmPyramid
 from .dist import Dist, init_from_env, shutdown
 from .loop import fit
 from .regimes import MultiDomainRegime, MultiTaskRegime
@@ -31,7 +32,7 @@ def build_backbone(config: RunConfig, *, load_weights: bool = True) -> torch.nn.
     frame-wise on clips and pools over time."""
     backbone = create_backbone(config.backbone, load=load_weights)
     if config.train.regime == "multitask":
-        return SwinPyramid(backbone)
+        return SwinPyramid(backbone) if isinstance(backbone, SwinTransformer) else TimmPyramid(backbone)
     if config.data.frames is None:
         return backbone
     return FrameWise(backbone, config.backbone.temporal_pooling, config.data.frames)
