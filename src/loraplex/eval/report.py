@@ -31,6 +31,7 @@ PREDICTIONS = "predictions.png"  # written at the end of a dense multi-task run
 SEED_KEYS = (("train", "seed"), ("data", "seed"))
 IGNORED_CONFIG = ("output",)  # where a run was written does not change what it measured
 PERCENT_PREFIXES = ("acc/", "miou/")  # fractions in [0, 1], shown as percentages
+PERCENT_SUFFIXES = ("/miou", "/maxf")  # dense metrics that are fractions too (semseg/miou, saliency/maxf)
 REQUIRED_RESULTS = ("method", "params", "train_seconds", "steps", "best_step", "last", "best")
 CURVES = (("train", "loss"), ("val", "acc/mean"))
 SMOOTH_POINTS = 60  # a per-step train loss is averaged over len/SMOOTH_POINTS steps
@@ -144,7 +145,7 @@ def _is_number(v: Any) -> bool:
 
 
 def _is_percent(key: str) -> bool:
-    return key.startswith(PERCENT_PREFIXES)
+    return key.startswith(PERCENT_PREFIXES) or key.endswith(PERCENT_SUFFIXES)
 
 
 def _fmt(key: str, value: float) -> str:
@@ -279,6 +280,8 @@ def group_runs(runs: list[Run]) -> list[Group]:
 def _metric_keys(runs: list[Run], which: str) -> list[str]:
     """Test metric keys in first-seen order, with aggregate ``*/mean`` keys after the per-domain ones."""
     keys = list(dict.fromkeys(k for run in runs for k in run.metrics(which)))
+    # a dense task's score/<task> only restates its primary metric for checkpoint selection; keep score/mean
+    keys = [k for k in keys if not k.startswith("score/") or k == "score/mean"]
     return sorted(keys, key=lambda k: k.endswith("/mean"))
 
 
@@ -303,8 +306,8 @@ def _runs_section(runs: list[Run]) -> Section:
     columns = [Column("run", kind="text"), Column("method", kind="text"), Column("seed", kind="text")]
     columns += [Column("status", kind="text"), Column("path", kind="path")]
     blocks: list[Block] = [
-        "Accuracies are percentages. “best” is the test score at the step with the best validation score "
-        "(results.json best_step); “last” is the test score at the final step. Runs whose config.yaml differs "
+        "Accuracies, mIoU and maxF are percentages. “best” is the test score at the step with the best validation "
+        "score (results.json best_step); “last” is the test score at the final step. Runs whose config.yaml differs "
         "only in train.seed, data.seed and output are repetitions of one setup: their rows give mean ± sample "
         "standard deviation (n−1).",
         Table(columns, rows),
