@@ -12,6 +12,7 @@ and batch (interleaved rounds, median of per-round ratios).
 
     python benchmarks/scenes.py                 # the table, 3 seeds
     python benchmarks/scenes.py --cost          # the step-time ratio
+    python benchmarks/scenes.py --cost --paper-scale   # the same on Swin-T at 224 px (random weights)
     python benchmarks/scenes.py --quick         # smoke run: 1 seed, 6 steps, tiny splits
 """
 
@@ -95,14 +96,22 @@ def markdown(table: dict[str, list[dict]], which: str = "best") -> str:
     return "\n".join(lines)
 
 
-def step_cost(rounds: int, steps: int) -> dict[str, float]:
+# the paper's backbone (architecture only: random weights, nothing downloaded) at its scale, for the cost
+PAPER_SCALE = {"backbone": {"name": "swin_tiny_patch4_window7_224", "img_size": 224, "pretrained": False},
+               "batch_size": 4}  # fmt: skip
+
+
+def step_cost(rounds: int, steps: int, paper_scale: bool = False) -> dict[str, float]:
     """Median over interleaved rounds of (MTLoRA step time) / (shared-LoRA step time), same batch."""
     base = yaml.safe_load(CONFIG.read_text())
+    if paper_scale:
+        base["backbone"] = PAPER_SCALE["backbone"]
+        base["train"]["batch_size"] = PAPER_SCALE["batch_size"]
     models = {}
     for name, method in (("mtlora", {"name": "mtlora", "rank": 8, "task_rank": 4}),
                          ("shared LoRA", SHARED_LORA)):  # fmt: skip
         raw = copy.deepcopy(base) | {"method": method}
-        raw["data"].update(train_per_domain=64, val_per_domain=8, test_per_domain=8)
+        raw["data"].update(train_per_domain=max(64, raw["train"]["batch_size"]), val_per_domain=8, test_per_domain=8)
         config = from_dict(raw)
         torch.manual_seed(0)
         model = build_model(config).train()
@@ -148,15 +157,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench/scenes"))
     parser.add_argument("--cost", action="store_true", help="measure the step-time ratio instead of the table")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--paper-scale", action="store_true", help="--cost on Swin-T at 224 px, batch 4")
     parser.add_argument("--quick", action="store_true", help="1 seed, 6 steps, 48 training scenes")
     args = parser.parse_args()
     if args.cost:
-        result = step_cost(2 if args.quick else args.rounds, 1 if args.quick else 5)
-        text = f"Machine: {machine()}. Batch: {yaml.safe_load(CONFIG.read_text())['train']['batch_size']} scenes.\n\n"
+        result = step_cost(2 if args.quick else args.rounds, 1 if args.quick else 5, args.paper_scale)
+        setup = "Swin-T, 224 px, batch 4" if args.paper_scale else "configs/scenes.yaml's model and batch"
+        text = f"Machine: {machine()}. {setup}.\n\n"
         text += "\n".join(f"- {k}: {v:.4f}" for k, v in result.items())
         print(text)
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "cost.md").write_text(text + "\n")
+        (args.out / ("cost_paper_scale.md" if args.paper_scale else "cost.md")).write_text(text + "\n")
         return
 
     def tweak(base: dict) -> None:
