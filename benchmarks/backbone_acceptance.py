@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common import CNN_FLOOR, Row, machine, markdown, pixel_floor, run_table
+from common import Row, cnn_floor, machine, markdown, pixel_floor, run_table
 
 from loraplex.models import zoo_entries
 
@@ -30,7 +30,7 @@ def rows(backbone: str) -> list[Row]:
     """Each regime from the zoo weights and from the zoo architecture at random init."""
     entry = zoo_entries()[backbone]
     random_init = {"name": entry["architecture"], "img_size": entry["img_size"], "kwargs": entry["kwargs"]}
-    out = [CNN_FLOOR]
+    out = [cnn_floor()]
     for regime, (method, lr) in REGIMES.items():
         for init, section in (("pre-trained", {"name": backbone}), ("random init", random_init)):
             out.append(Row(f"{regime} · {init}", {"method": method, "backbone": section}, {"train": {"lr": lr}}))

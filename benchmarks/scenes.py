@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from common import CNN_FLOOR, Row, machine, pixel_floor, run_table
+from common import Row, cnn_floor, machine, pixel_floor, run_table
 from torch.utils.flop_counter import FlopCounterMode
 
 from loraplex.config import from_dict
@@ -49,7 +49,7 @@ COLUMNS = [("semseg", "miou", "semseg mIoU ↑"), ("saliency", "maxf", "sal maxF
 
 def rows(ranks: tuple[int, ...] = (4, 8, 16)) -> list[Row]:
     full, lr = {"method": {"name": "full_finetune"}}, {"train": {"lr": 5e-4}}
-    out = [CNN_FLOOR]
+    out = [cnn_floor()]
     out += [
         Row(f"single-task full FT · {t}", full, {"train": {"lr": 5e-4, "task_weights": {}}, "data": {"tasks": [t]}})
         for t in TASKS

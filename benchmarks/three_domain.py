@@ -24,10 +24,10 @@ import argparse
 from pathlib import Path
 
 from common import (
-    CNN_FLOOR,
     LORA_LR,
     Row,
     analyze_runs,
+    cnn_floor,
     machine,
     method_rows,
     pixel_floor,
@@ -46,7 +46,7 @@ def baseline_rows() -> list[Row]:
         return {"method": {"name": name, "rank": 8, "target_modules": TARGETS, **kw}}
 
     return [
-        CNN_FLOOR,
+        cnn_floor(),
         *method_rows(),
         Row("one shared LoRA (r=8)", lora("lora"), LORA_LR),
         Row("per-domain LoRA (r=8)", lora("lora_per_task"), LORA_LR),
@@ -73,7 +73,7 @@ def main() -> None:
             base["data"].update(train_per_domain=100, val_per_domain=20, test_per_domain=50)
 
     seeds = args.seeds[:1] if args.quick else args.seeds
-    rows = baseline_rows() if args.table == "baselines" else [CNN_FLOOR, *method_rows(), *subspace_rows()]
+    rows = baseline_rows() if args.table == "baselines" else [cnn_floor(), *method_rows(), *subspace_rows()]
     if args.rows:
         run_table(CONFIG, [row for row in rows if args.rows in row.name], seeds, args.out, tweak)
         return

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common import CNN_FLOOR, analyze_runs, machine, method_rows, pixel_floor, run_table, subspace_rows, write_tables
+from common import analyze_runs, cnn_floor, machine, method_rows, pixel_floor, run_table, subspace_rows, write_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "video.yaml"
@@ -38,7 +38,7 @@ def main() -> None:
             base["data"].update(train_per_domain=48, val_per_domain=16, test_per_domain=24)
 
     seeds = args.seeds[:1] if args.quick else args.seeds
-    rows = [CNN_FLOOR, *method_rows(), *subspace_rows()]
+    rows = [cnn_floor(temporal_pooling="concat"), *method_rows(), *subspace_rows()]
     table = {"logistic regression on raw clip pixels": pixel_floor(CONFIG, seeds, tweak)}
     table |= run_table(CONFIG, rows, seeds, args.out, tweak)
     header = f"Machine: {machine()}. Seeds: {seeds}. Config: configs/video.yaml"
