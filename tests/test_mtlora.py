@@ -4,11 +4,13 @@ trained, the paper's parameter count, and dense models' save/load."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
+import yaml
 
 import loraplex as lp
 from loraplex import cli
@@ -246,9 +248,14 @@ def test_a_dense_multitask_run_trains_from_the_cli(tmp_path, capsys):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {"loss/semseg", "loss/normals"} <= set(records[0])
     assert (tmp_path / "run" / "predictions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert cli.main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "report")]) == 0
+    again = tmp_path / "run_seed1"  # a second seed of the same setup: its maps are not shown twice
+    shutil.copytree(tmp_path / "run", again)
+    saved = yaml.safe_load((again / "config.yaml").read_text())
+    saved["train"]["seed"] = 1
+    (again / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert cli.main(["report", str(tmp_path / "run"), str(again), "--out", str(tmp_path / "report")]) == 0
     html = (tmp_path / "report" / "report.html").read_text()
-    assert "Dense predictions" in html and "semseg/miou" in html
+    assert "Dense predictions" in html and "semseg/miou" in html and html.count("predicted map.</figcaption>") == 1
 
 
 def test_a_cnn_is_a_dense_backbone_from_its_stages_after_the_stem(tmp_path):

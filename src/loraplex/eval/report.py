@@ -461,14 +461,16 @@ def _analysis_section(runs: list[Run]) -> Section | None:
     return Section("Analysis", [intro, *blocks])
 
 
-def _predictions_section(runs: list[Run]) -> Section | None:
-    """True and predicted maps of a few test images, for every dense multi-task run."""
+def _predictions_section(groups: list[Group]) -> Section | None:
+    """True and predicted maps of a few test images, for the first seed of every dense multi-task setup (the
+    other seeds' maps look alike and would bury the comparison)."""
     blocks: list[Block] = []
-    for run in runs:
-        png = run.path / PREDICTIONS
-        if png.is_file():
+    for group in groups:
+        run = next((r for r in group.runs if (r.path / PREDICTIONS).is_file()), None)
+        if run is not None:
+            png = run.path / PREDICTIONS
             stem = re.sub(r"[^A-Za-z0-9_.-]", "_", run.name)
-            caption = f"{run.name} ({run.method}, best checkpoint): input, then each task's true and predicted map."
+            caption = f"{group.label} (run {run.name}, best checkpoint): input, then every task's true & predicted map."
             blocks.append(Figure(f"predictions_{stem}", png.read_bytes(), caption))
     return Section("Dense predictions", blocks) if blocks else None
 
@@ -491,7 +493,7 @@ def build_sections(runs: list[Run]) -> list[Section]:
         sections.append(_params_section(groups))
     if analysis := _analysis_section(runs):
         sections.append(analysis)
-    if predictions := _predictions_section(runs):
+    if predictions := _predictions_section(groups):
         sections.append(predictions)
     return sections
 
