@@ -1,6 +1,7 @@
 """Benchmark #3 (../shared/specs/benchmarks.md): dense multi-task scenes, MTLoRA's comparison.
 
-Rows: the two floors of every table (per-pixel linear models on raw 5×5 pixel patches; resnet10t from
+Rows: a reference (the true maps averaged over the cells of the pyramid's finest map and upsampled as the
+heads upsample — how much of each task a head at that resolution can express), the two floors of every table (per-pixel linear models on raw 5×5 pixel patches; resnet10t from
 scratch under the same dense heads), single-task full fine-tuning (one model per task: the Δm reference),
 multi-task full fine-tuning,
 decoders only, one shared LoRA (trained with the same non-attention modules as MTLoRA), MTLoRA at three
@@ -26,14 +27,17 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import yaml
-from common import Row, cnn_floor, machine, pixel_floor, run_table
+from common import Row, cnn_floor, machine, pixel_floor, row_config, run_table
 from torch.utils.flop_counter import FlopCounterMode
 
 from loraplex.config import from_dict
-from loraplex.eval.dense import PRIMARY, delta_m
+from loraplex.data import eval_batches
+from loraplex.data.domains import dense_target_fn
+from loraplex.eval.dense import PRIMARY, DenseMeter, delta_m
 from loraplex.train.dist import Dist
-from loraplex.train.runner import build_model, build_regime
+from loraplex.train.runner import build_backbone, build_model, build_regime, domain_splits
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "scenes.yaml"
@@ -61,6 +65,44 @@ def rows(ranks: tuple[int, ...] = (4, 8, 16)) -> list[Row]:
     ]  # fmt: skip
     out += [Row(f"MTLoRA (R={r}, r_t=4)", {"method": {"name": "mtlora", "rank": r, "task_rank": 4}}) for r in ranks]
     out.append(Row("MTLoRA+ (R=8, r_t=4)", {"method": {"name": "mtlora_plus", "rank": 8, "task_rank": 4}}))
+    return out
+
+
+def _coarse(maps: torch.Tensor, cells: int) -> torch.Tensor:
+    """Maps averaged over a ``cells × cells`` grid, upsampled back bilinearly (as the dense heads upsample)."""
+    pooled = F.adaptive_avg_pool2d(maps.float(), cells)
+    return F.interpolate(pooled, size=maps.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def resolution_ceiling(seeds: list[int], tweak) -> list[dict]:
+    """What a dense head can express when it predicts on the pyramid's finest map and upsamples
+    bilinearly: the *true* maps averaged over each cell of that map (class one-hots for semseg, the mask
+    for saliency), upsampled the same way — per seed's test split.  A reference, not a strict bound."""
+    base = yaml.safe_load(CONFIG.read_text())
+    tweak(base)
+    out = []
+    for seed in seeds:
+        config = from_dict(row_config(base, Row("ceiling"), seed, Path("/tmp")))
+        size = config.backbone.img_size
+        with torch.no_grad():
+            cells = build_backbone(config, load_weights=False)(torch.zeros(1, 3, size, size))[0].shape[-1]
+        (test,) = domain_splits(config)["test"]
+        target_of, _ = dense_target_fn(config.data.domains[0])
+        packed = torch.cat([targets for _, targets in eval_batches(test, 500)])
+        metrics: dict[str, float] = {}
+        for task in TASKS:
+            truth = target_of(packed, task)
+            if task == "semseg":
+                pred = _coarse(F.one_hot(truth, 21).permute(0, 3, 1, 2), cells)
+            elif task == "saliency":
+                pred = torch.logit(_coarse(truth[:, None], cells).clamp(1e-4, 1 - 1e-4))
+            else:
+                pred = _coarse(truth, cells)
+            meter = DenseMeter(task, pred.shape[1])
+            meter.update(pred, truth)
+            metrics |= {f"{task}/{k}": v for k, v in meter.result().items()}
+        result = {"test": metrics}
+        out.append({"best": result, "last": result, "params": {"trainable": 0}, "train_seconds": 0.0})
     return out
 
 
@@ -177,7 +219,8 @@ def main() -> None:
             base["data"].update(train_per_domain=48, val_per_domain=16, test_per_domain=16)
 
     seeds = args.seeds[:1] if args.quick else args.seeds
-    table = {"linear on raw 5×5 pixel patches": pixel_floor(CONFIG, seeds, tweak)}
+    table = {"reference: true maps at the finest pyramid cell": resolution_ceiling(seeds, tweak),
+             "linear on raw 5×5 pixel patches": pixel_floor(CONFIG, seeds, tweak)}  # fmt: skip
     table |= run_table(CONFIG, rows(), seeds, args.out, tweak)
     text = "\n\n".join(
         [
