@@ -1,11 +1,12 @@
 """Benchmark #3 (../shared/specs/benchmarks.md): dense multi-task scenes, MTLoRA's comparison.
 
-Rows: a reference (the true maps averaged over the cells of the pyramid's finest map and upsampled as the
-heads upsample — how much of each task a head at that resolution can express), the two floors of every table (per-pixel linear models on raw 5×5 pixel patches; resnet10t from
-scratch under the same dense heads), single-task full fine-tuning (one model per task: the Δm reference),
-multi-task full fine-tuning,
-decoders only, one shared LoRA (trained with the same non-attention modules as MTLoRA), MTLoRA at three
-ranks, MTLoRA+ — per-task metrics, Δm against the single-task models, trainable parameters, train time.
+Rows: a reference (the true maps averaged over the cells of the pyramid's finest map and upsampled as
+the heads upsample — how much of each task a head at that resolution can express), the two floors of
+every table (per-pixel linear models on raw 5×5 pixel patches; resnet10t from scratch under the same
+dense heads), single-task full fine-tuning (one model per task: the Δm reference), multi-task full
+fine-tuning, decoders only, one shared LoRA (trained with the same non-attention modules as MTLoRA),
+MTLoRA at three ranks, MTLoRA+ — per-task metrics, Δm against the single-task models, trainable
+parameters, train time.
 Every run goes through ``loraplex.train`` with ``configs/scenes.yaml``; finished runs are read back.
 
 ``--cost`` measures instead MTLoRA's training-step time over a shared-LoRA-only step on the same backbone
@@ -15,6 +16,7 @@ and batch (interleaved rounds, median of per-round ratios).
     python benchmarks/scenes.py --cost          # the step-time ratio
     python benchmarks/scenes.py --cost --paper-scale   # the same on Swin-T at 224 px (random weights)
     python benchmarks/scenes.py --quick         # smoke run: 1 seed, 6 steps, tiny splits
+    python benchmarks/scenes.py --img-size 64 --out runs/bench/scenes_64   # finer pyramid (16×16), ~4.5× cost
 """
 
 from __future__ import annotations
@@ -201,6 +203,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--paper-scale", action="store_true", help="--cost on Swin-T at 224 px, batch 4")
     parser.add_argument("--quick", action="store_true", help="1 seed, 6 steps, 48 training scenes")
+    parser.add_argument("--img-size", type=int, default=None, help="scene and input size (default: the config's 32)")
     args = parser.parse_args()
     if args.cost:
         result = step_cost(2 if args.quick else args.rounds, 1 if args.quick else 5, args.paper_scale)
@@ -214,6 +217,8 @@ def main() -> None:
 
     def tweak(base: dict) -> None:
         base["output"]["tensorboard"] = False
+        if args.img_size:
+            base["backbone"]["img_size"] = args.img_size
         if args.quick:
             base["train"].update(steps=6, warmup_steps=1, eval_every=3, checkpoint_every=3)
             base["data"].update(train_per_domain=48, val_per_domain=16, test_per_domain=16)
