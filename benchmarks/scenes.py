@@ -108,10 +108,15 @@ def resolution_ceiling(seeds: list[int], tweak) -> list[dict]:
     return out
 
 
-def _cell(values: list[float], scale: float) -> str:
+def _cell(values: list[float], scale: float, digits: int = 2) -> str:
     if len(values) == 1:
-        return f"{scale * values[0]:.2f}"
-    return f"{scale * statistics.fmean(values):.2f} ± {scale * statistics.stdev(values):.2f}"
+        return f"{scale * values[0]:.{digits}f}"
+    return f"{scale * statistics.fmean(values):.{digits}f} ± {scale * statistics.stdev(values):.{digits}f}"
+
+
+def _metric_cell(values: list[float], metric: str) -> str:
+    """mIoU / maxF in %, angles in degrees (2 decimals), depth RMSE in scene depth units (3 decimals)."""
+    return _cell(values, 100 if metric in ("miou", "maxf") else 1, 3 if metric == "rmse" else 2)
 
 
 def markdown(table: dict[str, list[dict]], which: str = "best") -> str:
@@ -124,15 +129,14 @@ def markdown(table: dict[str, list[dict]], which: str = "best") -> str:
     for name, runs in table.items():
         if name in singles:
             if name == singles[0]:  # the four single-task models, as one row: each task's own model
-                cells = [_cell([r[which]["test"][f"{t}/{m}"] for r in table[f"single-task full FT · {t}"]],
-                               100 if m in ("miou", "maxf") else 1) for t, m, _ in COLUMNS]  # fmt: skip
+                cells = [_metric_cell([r[which]["test"][f"{t}/{m}"] for r in table[f"single-task full FT · {t}"]], m)
+                         for t, m, _ in COLUMNS]  # fmt: skip
                 params = sum(table[s][0]["params"]["trainable"] for s in singles)
                 seconds = sum(statistics.fmean(r["train_seconds"] for r in table[s]) for s in singles)
                 lines.append(f"| single-task full FT ({len(singles)} models) | " + " | ".join(cells)
                              + f" | 0 | {params:,} | {seconds:.0f} |")  # fmt: skip
             continue
-        cells = [_cell([r[which]["test"][f"{t}/{m}"] for r in runs], 100 if m in ("miou", "maxf") else 1)
-                 for t, m, _ in COLUMNS]  # fmt: skip
+        cells = [_metric_cell([r[which]["test"][f"{t}/{m}"] for r in runs], m) for t, m, _ in COLUMNS]
         deltas = [delta_m({t: r[which]["test"][f"{t}/{PRIMARY[t][0]}"] for t in TASKS}, single) for r in runs]
         params = runs[0]["params"]["trainable"]
         seconds = statistics.fmean(r["train_seconds"] for r in runs)
