@@ -53,9 +53,9 @@ COLUMNS = [("semseg", "miou", "semseg mIoU ↑"), ("saliency", "maxf", "sal maxF
            ("depth", "rmse", "depth RMSE ↓")]  # fmt: skip
 
 
-def rows(ranks: tuple[int, ...] = (4, 8, 16)) -> list[Row]:
+def rows(ranks: tuple[int, ...] = (4, 8, 16), img_size: int | None = None) -> list[Row]:
     full, lr = {"method": {"name": "full_finetune"}}, {"train": {"lr": 5e-4}}
-    out = [cnn_floor()]
+    out = [cnn_floor(**({"img_size": img_size} if img_size else {}))]  # the CNN sees the same scenes
     out += [
         Row(f"single-task full FT · {t}", full, {"train": {"lr": 5e-4, "task_weights": {}}, "data": {"tasks": [t]}})
         for t in TASKS
@@ -230,7 +230,7 @@ def main() -> None:
     seeds = args.seeds[:1] if args.quick else args.seeds
     table = {"reference: true maps at the finest pyramid cell": resolution_ceiling(seeds, tweak),
              "linear on raw 5×5 pixel patches": pixel_floor(CONFIG, seeds, tweak)}  # fmt: skip
-    table |= run_table(CONFIG, rows(), seeds, args.out, tweak)
+    table |= run_table(CONFIG, rows(img_size=args.img_size), seeds, args.out, tweak)
     text = "\n\n".join(
         [
             f"Machine: {machine()}. Seeds: {seeds}. Config: configs/scenes.yaml",
