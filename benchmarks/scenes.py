@@ -16,7 +16,7 @@ and batch (interleaved rounds, median of per-round ratios).
     python benchmarks/scenes.py --cost          # the step-time ratio
     python benchmarks/scenes.py --cost --paper-scale   # the same on Swin-T at 224 px (random weights)
     python benchmarks/scenes.py --quick         # smoke run: 1 seed, 6 steps, tiny splits
-    python benchmarks/scenes.py --img-size 64 --out runs/bench/scenes_64   # finer pyramid (16×16), ~4.5× cost
+    python benchmarks/scenes.py --img-size 64 --out runs/bench/scenes_64   # finer pyramid (16×16), ~4.5–6× cost
 """
 
 from __future__ import annotations
