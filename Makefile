@@ -35,6 +35,7 @@ demo: $(STAMP) system-data
 
 test: $(STAMP) system-data
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

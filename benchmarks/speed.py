@@ -309,16 +309,28 @@ def target_checks(rows: list[Row]) -> list[dict]:
             add(f"lp_mixed_{n}_{s} overhead ≤ ½ peft_mixed_{n} overhead", mixed[s], limit, mixed[s] <= limit)
     merged = by["lp_merged"]
     noise = max(2 * merged.ratio_std, MERGED_NOISE_FLOOR)
-    add("|lp_merged ratio − 1| ≤ max(2σ, 2%) (within noise of backbone)", abs(merged.overhead), noise,
-        abs(merged.overhead) <= noise)
+    add(
+        "|lp_merged ratio − 1| ≤ max(2σ, 2%) (within noise of backbone)",
+        abs(merged.overhead),
+        noise,
+        abs(merged.overhead) <= noise,
+    )
     for n in SIZES:
         ratios = {s: by[f"train_mixed_{n}_{s}"].ratio_median for s in STRATEGIES}
         best = min(ratios, key=ratios.__getitem__)
-        add(f"train_mixed_{n} (best: {best}) ≤ {TRAIN_RATIO_LIMIT} × train_one_lora", ratios[best],
-            TRAIN_RATIO_LIMIT, ratios[best] <= TRAIN_RATIO_LIMIT)
+        add(
+            f"train_mixed_{n} (best: {best}) ≤ {TRAIN_RATIO_LIMIT} × train_one_lora",
+            ratios[best],
+            TRAIN_RATIO_LIMIT,
+            ratios[best] <= TRAIN_RATIO_LIMIT,
+        )
         for s in STRATEGIES:
-            add(f"train_mixed_{n}_{s} ≤ {TRAIN_RATIO_LIMIT} × train_one_lora", ratios[s], TRAIN_RATIO_LIMIT,
-                ratios[s] <= TRAIN_RATIO_LIMIT)
+            add(
+                f"train_mixed_{n}_{s} ≤ {TRAIN_RATIO_LIMIT} × train_one_lora",
+                ratios[s],
+                TRAIN_RATIO_LIMIT,
+                ratios[s] <= TRAIN_RATIO_LIMIT,
+            )
     return checks
 
 
@@ -364,8 +376,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = Settings()
     parser.add_argument("--rounds", type=int, default=defaults.rounds, help="round-robin rounds")
     parser.add_argument("--iters", type=int, default=defaults.iters, help="timed batches per inference case per round")
-    parser.add_argument("--train-iters", type=int, default=defaults.train_iters,
-                        help="timed batches per training case per round")
+    parser.add_argument(
+        "--train-iters", type=int, default=defaults.train_iters, help="timed batches per training case per round"
+    )
     parser.add_argument("--warmup", type=int, default=defaults.warmup, help="untimed batches per case before round 1")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch intra-op threads")
     parser.add_argument("--quick", action="store_true", help="smoke run: depth-2 ViT, 2 rounds, 1 iteration")
