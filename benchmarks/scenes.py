@@ -1,12 +1,12 @@
 """Benchmark #3 (../shared/specs/benchmarks.md): dense multi-task scenes, MTLoRA's comparison.
 
-Rows: a reference (the true maps averaged over the cells of the pyramid's finest map and upsampled as
-the heads upsample — how much of each task a head at that resolution can express), the two floors of
-every table (per-pixel linear models on raw 5×5 pixel patches; resnet10t from scratch under the same
-dense heads), single-task full fine-tuning (one model per task: the Δm reference), multi-task full
-fine-tuning, decoders only, one shared LoRA (trained with the same non-attention modules as MTLoRA),
-MTLoRA at three ranks, MTLoRA+ — per-task metrics, Δm against the single-task models, trainable
-parameters, train time.
+Rows: two references (constant maps — what learning nothing scores; the true maps averaged over the cells of
+the pyramid's finest map and upsampled as the heads upsample — how much of each task a head at that
+resolution can express), the two floors of every table (per-pixel linear models on raw 5×5 pixel patches;
+resnet10t from scratch under the same dense heads), single-task full fine-tuning (one model per task: the Δm
+reference), multi-task full fine-tuning, decoders only, one shared LoRA (trained with the same non-attention
+modules as MTLoRA), MTLoRA at three ranks, MTLoRA+ — per-task metrics, Δm against the single-task models,
+trainable parameters, train time.
 Every run goes through ``loraplex.train`` with ``configs/scenes.yaml``; finished runs are read back.
 
 ``--cost`` measures instead MTLoRA's training-step time over a shared-LoRA-only step on the same backbone
@@ -76,36 +76,51 @@ def _coarse(maps: torch.Tensor, cells: int) -> torch.Tensor:
     return F.interpolate(pooled, size=maps.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def resolution_ceiling(seeds: list[int], tweak) -> list[dict]:
-    """What a dense head can express when it predicts on the pyramid's finest map and upsamples
-    bilinearly: the *true* maps averaged over each cell of that map (class one-hots for semseg, the mask
-    for saliency), upsampled the same way — per seed's test split.  A reference, not a strict bound."""
+def references(seeds: list[int], tweak) -> dict[str, list[dict]]:
+    """Two reference rows on each seed's test split, no training.
+
+    *Finest pyramid cell*: what a dense head can express when it predicts on the pyramid's finest map and
+    upsamples bilinearly — the *true* maps averaged over each cell of that map (class one-hots for
+    semseg, the mask for saliency), upsampled the same way (a reference, not a strict bound).
+    *Constant maps*: the same prediction everywhere — background, a constant saliency, a flat surface
+    facing the camera, the training split's mean depth — what a row scores when it learns nothing."""
     base = yaml.safe_load(CONFIG.read_text())
     tweak(base)
-    out = []
+    ceiling, constant = [], []
     for seed in seeds:
-        config = from_dict(row_config(base, Row("ceiling"), seed, Path("/tmp")))
+        config = from_dict(row_config(base, Row("reference"), seed, Path("/tmp")))
         size = config.backbone.img_size
         with torch.no_grad():
             cells = build_backbone(config, load_weights=False)(torch.zeros(1, 3, size, size))[0].shape[-1]
-        (test,) = domain_splits(config)["test"]
+        splits = domain_splits(config)
         target_of, _ = dense_target_fn(config.data.domains[0])
-        packed = torch.cat([targets for _, targets in eval_batches(test, 500)])
-        metrics: dict[str, float] = {}
+        packed = torch.cat([targets for _, targets in eval_batches(splits["test"][0], 500)])
+        train_depth = torch.cat([target_of(t, "depth") for _, t in eval_batches(splits["train"][0], 500)]).mean()
+        fine: dict[str, float] = {}
+        flat: dict[str, float] = {}
         for task in TASKS:
             truth = target_of(packed, task)
             if task == "semseg":
                 pred = _coarse(F.one_hot(truth, 21).permute(0, 3, 1, 2), cells)
+                same = F.one_hot(torch.zeros_like(truth), 21).permute(0, 3, 1, 2)
             elif task == "saliency":
                 pred = torch.logit(_coarse(truth[:, None], cells).clamp(1e-4, 1 - 1e-4))
+                same = torch.zeros_like(truth[:, None])
             else:
                 pred = _coarse(truth, cells)
-            meter = DenseMeter(task, pred.shape[1])
-            meter.update(pred, truth)
-            metrics |= {f"{task}/{k}": v for k, v in meter.result().items()}
-        result = {"test": metrics}
-        out.append({"best": result, "last": result, "params": {"trainable": 0}, "train_seconds": 0.0})
-    return out
+                same = torch.zeros_like(truth)
+                if task == "normals":
+                    same[:, 2] = 1.0
+                else:
+                    same += train_depth
+            for metrics, guess in ((fine, pred), (flat, same)):
+                meter = DenseMeter(task, guess.shape[1])
+                meter.update(guess, truth)
+                metrics |= {f"{task}/{k}": v for k, v in meter.result().items()}
+        for rows_, metrics in ((ceiling, fine), (constant, flat)):
+            result = {"test": metrics}
+            rows_.append({"best": result, "last": result, "params": {"trainable": 0}, "train_seconds": 0.0})
+    return {"reference: true maps at the finest pyramid cell": ceiling, "reference: constant maps": constant}
 
 
 def _cell(values: list[float], scale: float, digits: int = 2) -> str:
@@ -228,8 +243,7 @@ def main() -> None:
             base["data"].update(train_per_domain=48, val_per_domain=16, test_per_domain=16)
 
     seeds = args.seeds[:1] if args.quick else args.seeds
-    table = {"reference: true maps at the finest pyramid cell": resolution_ceiling(seeds, tweak),
-             "linear on raw 5×5 pixel patches": pixel_floor(CONFIG, seeds, tweak)}  # fmt: skip
+    table = references(seeds, tweak) | {"linear on raw 5×5 pixel patches": pixel_floor(CONFIG, seeds, tweak)}
     table |= run_table(CONFIG, rows(img_size=args.img_size), seeds, args.out, tweak)
     text = "\n\n".join(
         [
