@@ -18,7 +18,7 @@ from loraplex.config import ConfigError, from_dict, load_config
 from loraplex.core.layer import AdaptedLinear
 from loraplex.data import SourceMissingError
 from loraplex.data.dense import TASK_OUTPUTS
-from loraplex.data.scenes import dense_scenes, normals_of, scene_target
+from loraplex.data.scenes import dense_scenes, normals_of, scene_target, smooth_height
 from loraplex.eval.dense import DenseMeter, delta_m, task_loss
 from loraplex.eval.floors import dense_pixel_floor
 from loraplex.models.dense import SwinPyramid, TimmPyramid, _attention_before_proj, _unwindow, block_streams
@@ -200,6 +200,25 @@ def test_scenes_are_deterministic_with_consistent_targets():
     torch.testing.assert_close(normals_of(flat)[0], torch.tensor([0.0, 0.0, 1.0]).view(3, 1, 1).expand(3, 5, 5))
     ramp = torch.arange(5.0).view(1, 5).expand(5, 5)  # h = x: normal ∝ (−1, 0, 1)
     torch.testing.assert_close(normals_of(ramp)[:, 2, 2], torch.tensor([-1.0, 0.0, 1.0]) / 2**0.5)
+
+
+def test_scene_normals_are_expressible_at_the_pyramids_finest_stride():
+    """The reason the height field is smoothed: a head predicting on a stride-4 map and upsampling must be
+    able to beat a flat surface (on raw fields the cell-averaged truth scored worse than flat)."""
+    g = torch.Generator().manual_seed(0)
+    pool = (torch.rand(6, 28, 28, generator=g) * 255).to(torch.uint8), torch.arange(1, 7)
+    normals = scene_target(dense_scenes([pool], 16, size=32, seed=0).targets, "normals")
+    cells = F.interpolate(F.adaptive_avg_pool2d(normals, 8), size=32, mode="bilinear", align_corners=False)
+    flat = torch.zeros_like(normals)
+    flat[:, 2] = 1.0
+    error = {}
+    for name, pred in (("cells", cells), ("flat", flat)):
+        meter = DenseMeter("normals", 3)
+        meter.update(pred, normals)
+        error[name] = meter.result()["mean_angle"]
+    assert error["cells"] < 0.6 * error["flat"], error
+    constant = torch.full((32, 32), 0.7)
+    torch.testing.assert_close(smooth_height(constant), constant)  # flat stays flat, borders included
 
 
 def test_dense_metrics_on_known_predictions():
