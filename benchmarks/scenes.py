@@ -4,9 +4,9 @@ Rows: two references (constant maps — what learning nothing scores; the true m
 the pyramid's finest map and upsampled as the heads upsample — how much of each task a head at that
 resolution can express), the two floors of every table (per-pixel linear models on raw 5×5 pixel patches;
 resnet10t from scratch under the same dense heads), single-task full fine-tuning (one model per task: the Δm
-reference), multi-task full fine-tuning, decoders only, one shared LoRA (trained with the same non-attention
-modules as MTLoRA), MTLoRA at three ranks, MTLoRA+ — per-task metrics, Δm against the single-task models,
-trainable parameters, train time.
+reference), multi-task full fine-tuning, decoders only, one shared LoRA at ranks 8 and 16 (trained with the
+same non-attention modules as MTLoRA), MTLoRA at three ranks, MTLoRA+ — per-task metrics, Δm against the
+single-task models, trainable parameters, train time.
 Every run goes through ``loraplex.train`` with ``configs/scenes.yaml``; finished runs are read back.
 
 ``--cost`` measures instead MTLoRA's training-step time over a shared-LoRA-only step on the same backbone
@@ -46,7 +46,7 @@ CONFIG = ROOT / "configs" / "scenes.yaml"
 TASKS = ["semseg", "saliency", "normals", "depth"]
 # what MTLoRA trains besides its LoRAs; the shared-LoRA row trains the same, so only the LoRA structure differs
 NON_ATTENTION = ["patch_embed", "norm", "norm1", "norm2", "relative_position_bias_table", "downsample.reduction"]
-# MTLoRA's TA-LoRA alone: same rank, scale 4 (alpha / r), dropout 0.05 and non-attention trainables
+# MTLoRA's TA-LoRA alone: scale 4 (alpha = 4 r at any rank), dropout 0.05 and non-attention trainables
 SHARED_LORA = {"name": "lora", "rank": 8, "alpha": 32.0, "dropout": 0.05, "modules_to_save": NON_ATTENTION}
 COLUMNS = [("semseg", "miou", "semseg mIoU ↑"), ("saliency", "maxf", "sal maxF ↑"), ("saliency", "miou", "sal mIoU ↑"),
            ("normals", "mean_angle", "normals mean° ↓"), ("normals", "rmse_angle", "normals rms° ↓"),
@@ -63,8 +63,8 @@ def rows(ranks: tuple[int, ...] = (4, 8, 16), img_size: int | None = None) -> li
     out += [
         Row("multi-task full FT", full, lr),
         Row("decoders only", {"method": {"name": "linear_probe"}}, {"train": {"lr": 2e-3}}),
-        Row("one shared LoRA (r=8)", {"method": SHARED_LORA}),
     ]  # fmt: skip
+    out += [Row(f"one shared LoRA (r={r})", {"method": {**SHARED_LORA, "rank": r, "alpha": 4.0 * r}}) for r in (8, 16)]
     out += [Row(f"MTLoRA (R={r}, r_t=4)", {"method": {"name": "mtlora", "rank": r, "task_rank": 4}}) for r in ranks]
     out.append(Row("MTLoRA+ (R=8, r_t=4)", {"method": {"name": "mtlora_plus", "rank": 8, "task_rank": 4}}))
     return out
@@ -159,6 +159,30 @@ def markdown(table: dict[str, list[dict]], which: str = "best") -> str:
     return "\n".join(lines)
 
 
+# (first, second): the per-seed Δm differences that decide whether MTLoRA's structure beats a shared LoRA
+PAIRS = [("MTLoRA (R=8, r_t=4)", "one shared LoRA (r=8)"), ("MTLoRA (R=16, r_t=4)", "one shared LoRA (r=16)"),
+         ("MTLoRA (R=16, r_t=4)", "one shared LoRA (r=8)"), ("one shared LoRA (r=16)", "one shared LoRA (r=8)"),
+         ("MTLoRA+ (R=8, r_t=4)", "MTLoRA (R=8, r_t=4)"), ("multi-task full FT", "one shared LoRA (r=8)")]  # fmt: skip
+
+
+def paired(table: dict[str, list[dict]], which: str = "best") -> str:
+    """Paired comparisons: a seed fixes the scenes, so per-seed differences of Δm remove the variance the
+    seeds share (mean ± std of the difference, and in how many seeds the first row wins)."""
+    single = {t: statistics.fmean(r[which]["test"][f"{t}/{PRIMARY[t][0]}"] for r in table[f"single-task full FT · {t}"])
+              for t in TASKS}  # fmt: skip
+
+    def dm(run: dict) -> float:
+        return delta_m({t: run[which]["test"][f"{t}/{PRIMARY[t][0]}"] for t in TASKS}, single)
+
+    lines = ["| comparison | Δm difference | wins |", "|---|---:|---:|"]
+    for first, second in PAIRS:
+        if first in table and second in table:
+            diffs = [dm(a) - dm(b) for a, b in zip(table[first], table[second], strict=True)]
+            wins = sum(d > 0 for d in diffs)
+            lines.append(f"| {first} − {second} | {_cell(diffs, 1)} | {wins} / {len(diffs)} |")
+    return "\n".join(lines)
+
+
 # the paper's backbone (architecture only: random weights, nothing downloaded) at its scale, for the cost
 PAPER_SCALE = {"backbone": {"name": "swin_tiny_patch4_window7_224", "img_size": 224, "pretrained": False},
                "batch_size": 4}  # fmt: skip
@@ -249,6 +273,7 @@ def main() -> None:
         [
             f"Machine: {machine()}. Seeds: {seeds}. Config: configs/scenes.yaml",
             "Test metrics at the best validation step (mIoU / maxF in %):\n\n" + markdown(table, "best"),
+            "Paired over seeds (per-seed difference of Δm):\n\n" + paired(table, "best"),
         ]
     )
     print(text)
