@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from loraplex import cli
@@ -151,6 +152,20 @@ def test_resuming_into_a_run_dir_with_another_config_is_refused(tmp_path):
         train(load_config(tiny_config(tmp_path), ["train.lr=0.5"]), progress=False)
     resumed = train(load_config(tiny_config(tmp_path), ["train.threads=1"]), progress=False)  # execution only
     assert resumed["steps"] == 12
+
+
+def test_a_run_saved_before_a_config_key_existed_still_resumes(tmp_path):
+    config = load_config(tiny_config(tmp_path))
+    train(config, progress=False)
+    saved = Path(config.output.dir) / "config.yaml"
+    older = yaml.safe_load(saved.read_text())
+    del older["train"]["task_weights"], older["data"]["tasks"]  # keys later versions added, at their defaults
+    saved.write_text(yaml.safe_dump(older))
+    assert train(config, progress=False)["steps"] == 12  # read back, not refused
+    older["train"]["lr"] = 0.5
+    saved.write_text(yaml.safe_dump(older))
+    with pytest.raises(ConfigError, match="different config"):
+        train(config, progress=False)
 
 
 def _single():

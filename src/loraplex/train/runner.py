@@ -129,7 +129,7 @@ def prepare_run_dir(config: RunConfig, dist: Dist) -> Path:
     text = dump_config(config)
     saved = run_dir / CONFIG_FILE
     if saved.exists():
-        if _recipe(yaml.safe_load(saved.read_text())) != _recipe(yaml.safe_load(text)):
+        if _recipe(_normalised(yaml.safe_load(saved.read_text()))) != _recipe(yaml.safe_load(text)):
             raise ConfigError(
                 f"{run_dir} already holds a run with a different config; resume with the same config "
                 "or choose another output.dir (e.g. --set output.dir=runs/new)"
@@ -138,6 +138,15 @@ def prepare_run_dir(config: RunConfig, dist: Dist) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         saved.write_text(text)
     return run_dir
+
+
+def _normalised(raw: Any) -> Any:
+    """A saved config as this version writes it: keys added since it was saved take their defaults, so a
+    run from an older version still resumes (one this version cannot parse compares as different)."""
+    try:
+        return yaml.safe_load(dump_config(from_dict(raw)))
+    except ConfigError:
+        return raw
 
 
 def _recipe(raw: dict) -> dict:
