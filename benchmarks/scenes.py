@@ -117,9 +117,9 @@ def references(seeds: list[int], tweak) -> dict[str, list[dict]]:
                 meter = DenseMeter(task, guess.shape[1])
                 meter.update(guess, truth)
                 metrics |= {f"{task}/{k}": v for k, v in meter.result().items()}
-        for rows_, metrics in ((ceiling, fine), (constant, flat)):
+        for results, metrics in ((ceiling, fine), (constant, flat)):
             result = {"test": metrics}
-            rows_.append({"best": result, "last": result, "params": {"trainable": 0}, "train_seconds": 0.0})
+            results.append({"best": result, "last": result, "params": {"trainable": 0}, "train_seconds": 0.0})
     return {"reference: true maps at the finest pyramid cell": ceiling, "reference: constant maps": constant}
 
 
