@@ -254,6 +254,14 @@ def test_rank_shards_interleave_into_the_global_batch(digits, world_size):
         _batches(MultiDomainStream(doms, batch_size=8, seed=1, rank=r, world_size=world_size), 5)
         for r in range(world_size)
     ]
+    assert_shards_interleave(single, shards)
+
+
+def assert_shards_interleave(
+    single: list[tuple[torch.Tensor, ...]], shards: list[list[tuple[torch.Tensor, ...]]]
+) -> None:
+    """Rank r's shard of every step holds the global batch's positions r, r + world, …"""
+    world_size = len(shards)
     for step, full in enumerate(single):
         for part in range(3):
             merged = torch.empty_like(full[part])

@@ -1,5 +1,7 @@
-"""Data layer: real offline sources, seeded stratified splits, and the resumable multi-domain stream."""
+"""Data layer: real offline sources, seeded stratified splits, the resumable multi-domain stream, and its loader
+that reads batches in worker processes."""
 
+from .loader import BatchLoader, eval_loader
 from .sources import (
     FASHION_ROOT,
     KNOWN_CLASSES,
@@ -10,11 +12,13 @@ from .sources import (
     read_idx,
 )
 from .splits import Splits, class_balanced, split
-from .stream import DomainData, MultiDomainStream, eval_batches, to_model_input, to_tensor_batch
+from .stream import BatchPlan, DomainData, MultiDomainStream, eval_batches, to_model_input, to_tensor_batch
 
 __all__ = [
     "FASHION_ROOT",
     "KNOWN_CLASSES",
+    "BatchLoader",
+    "BatchPlan",
     "DomainData",
     "ImageSource",
     "MultiDomainStream",
@@ -22,6 +26,7 @@ __all__ = [
     "Splits",
     "class_balanced",
     "eval_batches",
+    "eval_loader",
     "load_source",
     "num_classes",
     "read_idx",

@@ -2,7 +2,8 @@
 
 Five kinds of domain, told apart by name:
 
-* an image source (``fashion``, ``mnist``, ``digits``, ``folder:<path>`` …, see :mod:`.sources`);
+* an image source (``fashion``, ``mnist``, ``digits``, ``folder:<path>`` …, see :mod:`.sources`); a folder is
+  split from its labels alone and its parts decode their files on demand, at the run's input size;
 * ``motion:<image source>`` — the offline video benchmark (benchmarks.md #2): clips in which an image
   of the source moves along one of :data:`~.motion.PATTERNS`, the pattern being the class.  The
   source's images are split first (stratified), and each part's clips are made from that part's images
@@ -24,13 +25,24 @@ a motion means (a flipped left-to-right clip is a right-to-left one).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
 from .motion import PATTERNS, motion_clips
 from .pascal import PASCAL_NAME, PASCAL_TASKS, PascalDomain, pascal_domain, pascal_ids, pascal_target
 from .scenes import SCENE_TASKS, dense_scenes, scene_target
-from .sources import KNOWN_CLASSES, ImageSource, SourceMissingError, load_source, num_classes
+from .sources import (
+    FOLDER_PREFIX,
+    KNOWN_CLASSES,
+    FolderDomain,
+    ImageSource,
+    SourceMissingError,
+    list_folder,
+    load_source,
+    num_classes,
+)
 from .splits import Splits, class_balanced, split
 from .stream import DomainData
 from .video import LAYOUTS, VideoDomain, VideoList
@@ -94,15 +106,26 @@ def domain_parts(
         return _motion_parts(name, root, seed, counts, size, frames)
     if clip:
         return _video_parts(name, root, seed, counts, size, frames)
-    source = load_source(name, root=root)
+    if name.startswith(FOLDER_PREFIX):
+        classes, paths, labels = list_folder(Path(name.removeprefix(FOLDER_PREFIX)))
+        source = ImageSource(name, torch.empty(0, dtype=torch.uint8), labels, classes)  # labels suffice to split
+
+        def part_domain(index: torch.Tensor, size: int) -> DomainData:
+            return FolderDomain(name, [paths[i] for i in index.tolist()], labels[index], len(classes), size)
+
+    else:
+        source = load_source(name, root=root)
+
+        def part_domain(index: torch.Tensor, size: int) -> DomainData:
+            return DomainData(name, source.images[index], source.labels[index], len(source.classes)).resized(size)
+
     parts = split(source, seed=seed, **counts)
     out = {}
     for part in PARTS:
         index = getattr(parts, part)
         if part == "train" and class_balance > 0:
             index = index[class_balanced(source.labels[index], class_balance)]
-        domain = DomainData(name, source.images[index], source.labels[index], len(source.classes))
-        out[part] = domain.resized(2 * size if part == "train" and augment else size)
+        out[part] = part_domain(index, 2 * size if part == "train" and augment else size)
     return out
 
 

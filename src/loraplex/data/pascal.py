@@ -193,6 +193,8 @@ class PascalDomain(DomainData):
     folders need not exist.
     """
 
+    on_demand = True
+
     def __init__(self, root: str | Path, ids: Sequence[str], size: int, tasks: Sequence[str] = PASCAL_TASKS) -> None:
         root = Path(root).expanduser()
         _check_layout(root, ids, tasks)

