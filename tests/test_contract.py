@@ -137,7 +137,7 @@ def test_merged_model_refuses_other_tasks_and_mixed_batches():
             model(x, task="digits")
         with pytest.raises(RuntimeError, match="merged"):
             model(x, task=torch.tensor([0, 1, 2]))
-    assert model.context.merged_task is False
+    assert model.context.merged is False
     model(x, task="digits")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -106,18 +107,24 @@ def _kill_after_checkpoint(cmd: list[str], run: Path, step: int) -> None:
     assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
 
 
-def test_a_killed_run_resumes_to_the_same_adapters(tmp_path):
-    slow = {"steps": 40, "checkpoint_every": 5, "eval_every": 10, "threads": 1}
-    augmented = {**TINY["data"], "augment": True}  # random crops too must replay exactly after a resume
-    straight = load_config(tiny_config(tmp_path / "a", train=slow, data=augmented))
-    train(straight, progress=False)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_killed_run_resumes_to_the_same_adapters(tmp_path, precision):
+    """Killed after a checkpoint and resumed — with data workers this time, an execution-only setting — a run
+    ends bit-identical to one that was never stopped, in fp32 (with augmentation) and in bf16 (autocast, frozen
+    weights held in bf16); ``loraplex eval`` then reproduces its test numbers."""
+    slow = {"steps": 40, "checkpoint_every": 5, "eval_every": 10, "threads": 1, "precision": precision}
+    sections = {"train": slow, "backbone": {"dtype": precision}}
+    if precision == "fp32":  # random crops too must replay exactly after a resume
+        sections["data"] = {"augment": True}
+    straight = load_config(tiny_config(tmp_path / "a", **sections))
+    results = train(straight, progress=False)
 
-    path = tiny_config(tmp_path / "b", train=slow, data=augmented)
+    path = tiny_config(tmp_path / "b", **sections)
     run = tmp_path / "b" / "run"
     cmd = [sys.executable, "-m", "loraplex", "train", str(path), "--no-progress"]
     _kill_after_checkpoint(cmd, run, step=10)
     assert not (run / "results.json").exists()
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([*cmd, "--set", "data.workers=2"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     a, b = adapters(Path(straight.output.dir)), adapters(run)
     assert a.keys() == b.keys()
@@ -126,6 +133,41 @@ def test_a_killed_run_resumes_to_the_same_adapters(tmp_path):
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps)  # lines the killed process wrote past its checkpoint were dropped
     assert len([s for s in steps if s == 40]) == 2  # one train, one val record at the end
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "loraplex", "eval", str(run), "--json"], capture_output=True, text=True, timeout=300
+    )
+    assert json.loads(evaluated.stdout) == pytest.approx(results["best"]["test"])
+
+
+def test_compiled_training_equals_eager_training(tmp_path):
+    settings = {"steps": 4, "warmup_steps": 1, "eval_every": 2, "checkpoint_every": 2}
+    eager = train(load_config(tiny_config(tmp_path / "eager", train=settings)), progress=False)
+    path = tiny_config(tmp_path / "compiled", train={**settings, "compile": "eager"})
+    compiled = train(load_config(path), progress=False)
+    a, b = adapters(tmp_path / "eager" / "run"), adapters(tmp_path / "compiled" / "run")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
+    assert compiled["best"]["test"] == pytest.approx(eager["best"]["test"])
+
+
+def test_weight_decay_spares_biases_norms_and_what_timm_names(tmp_path):
+    from loraplex.train.loop import make_optimizer
+
+    from .test_mtlora import dense_model
+    from .tiny import build
+
+    cfg = load_config(tiny_config(tmp_path)).train
+    for model, exempt in (
+        (build("full_finetune"), {"backbone.pos_embed", "backbone.cls_token"}),
+        (dense_model("mtlora"), {"backbone.layers.0.blocks.0.attn.relative_position_bias_table"}),
+    ):
+        decay = {
+            id(p): group["weight_decay"] for group in make_optimizer(model, cfg).param_groups for p in group["params"]
+        }
+        named = {n: decay[id(p)] for n, p in model.named_parameters() if p.requires_grad}
+        assert all(named[n] == 0.0 for n in exempt), exempt
+        assert all(v == 0.0 for n, v in named.items() if n.endswith("bias") or re.search(r"\.norm\d?\.", n))
+        assert all(v == cfg.weight_decay for n, v in named.items() if n.endswith(("qkv.weight", "fc1.weight")))
 
 
 def test_a_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
 from torch import nn
 
 from .core.inject import freeze, inject
@@ -39,7 +40,9 @@ def wrap(
     outputs: linear by default, or as ``head`` describes (:func:`loraplex.models.heads.make_head`; e.g.
     ``{"kind": "dense", "out_size": 448}`` on a :class:`~loraplex.models.dense.SwinPyramid`).
 
-    The backbone is modified in place (its classifier reset, targeted linears replaced)."""
+    The backbone is modified in place (its classifier reset, targeted linears replaced).  The model lives
+    where the backbone does; a backbone held in bf16 / fp16 keeps its frozen weights so, while everything
+    trained (branches, heads, ``modules_to_save``) is fp32."""
     head = dict(head or {"kind": "linear"})
     method = method_of(config)
     if set(heads) != set(config.tasks):
@@ -61,14 +64,26 @@ def wrap(
     model.saved_modules = saved
     model.head_spec = head
     model.head_outputs = {t: int(heads[t]) for t in config.tasks}
-    return model
+    return model.to(_device_of(backbone)).apply(_trainable_in_fp32)
 
 
-def load(directory: str | os.PathLike, backbone: nn.Module) -> AdaptedModel:
-    """Rebuild a saved model on ``backbone``; refuses a backbone whose fingerprint differs."""
+def _device_of(backbone: nn.Module) -> torch.device:
+    return next(backbone.parameters(), torch.empty(0)).device
+
+
+def _trainable_in_fp32(module: nn.Module) -> None:
+    """Trained tensors of a low-precision backbone (``modules_to_save``) go to fp32: AdamW in bf16 loses updates."""
+    for p in module.parameters(recurse=False):
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
+
+
+def load(directory: str | os.PathLike, backbone: nn.Module, device: str | torch.device | None = None) -> AdaptedModel:
+    """Rebuild a saved model on ``backbone`` (on ``device``, default where the backbone is); refuses a backbone
+    whose fingerprint differs.  The backbone may be held in bf16 / fp16: the same weights cast are accepted."""
     config = read_config(directory)
     check_backbone(config["backbone"], _features_only(backbone), str(directory))
     cfg = make_config(config["method"], **config["config"])
     model = wrap(backbone, cfg, heads=config["heads"], head=config.get("head"))
     load_tensors(model, directory)
-    return model
+    return model if device is None else model.to(device)

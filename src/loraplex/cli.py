@@ -51,7 +51,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .train.runner import evaluate_run
 
-    metrics = evaluate_run(args.run_dir, which=args.which, split_name=args.split)
+    metrics = evaluate_run(args.run_dir, which=args.which, split_name=args.split, device=args.device)
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
@@ -78,7 +78,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .api import export_peft
     from .train.runner import load_run
 
-    _, model = load_run(args.run_dir, which=args.which)
+    _, model = load_run(args.run_dir, which=args.which, device=args.device)
     out = args.out or Path(args.run_dir) / f"peft-{args.task}"
     export_peft(model, out, task=args.task, include_head=args.include_head)
     print(f"PEFT LoRA for task {args.task!r} written to {out}")
@@ -89,7 +89,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from .eval.analysis import ANALYSIS_DIR, write_analysis
     from .train.runner import load_run
 
-    config, model = load_run(args.run_dir, which=args.which)
+    config, model = load_run(args.run_dir, which=args.which, device=args.device)
     k = args.k if args.k is not None else config.method.get("k")
     out = args.run_dir / ANALYSIS_DIR
     result = write_analysis(model, out, k, run=str(args.run_dir), method=config.method_name, which=args.which)
@@ -119,6 +119,12 @@ def _results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N; the run's precision is kept"
+    )
+
+
 def _truncation(text: str) -> int | float:
     """``--k 64`` is a fixed size, ``--k 0.9`` an energy fraction (as the config's ``method.k``)."""
     return float(text) if "." in text else int(text)
@@ -143,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--which", choices=["best", "final"], default="best", help="which adapters to load")
     evaluate.add_argument("--split", choices=["val", "test"], default="test")
     evaluate.add_argument("--json", action="store_true", help="print JSON")
+    _add_device(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
     params = commands.add_parser("params", help="parameter counts of a config, without data or training")
@@ -156,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument(
         "--k", type=_truncation, default=None, help="column-space size: int or energy fraction (default: the run's k)"
     )
+    _add_device(analyze)
     analyze.set_defaults(func=cmd_analyze)
 
     export = commands.add_parser("export", help="export a run's adapters for one task")
@@ -165,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--which", choices=["best", "final"], default="best")
     export.add_argument("--include-head", action="store_true", help="also write the task head as the classifier")
     export.add_argument("--out", type=Path, default=None, help="output directory (default RUN_DIR/peft-TASK)")
+    _add_device(export)
     export.set_defaults(func=cmd_export)
 
     report = commands.add_parser("report", help="HTML + Markdown report over one or more runs")

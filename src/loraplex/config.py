@@ -11,6 +11,7 @@ is ever used.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -39,6 +40,9 @@ class BackboneSection:
     # clips (data.frames): "mean" = TSN's average consensus over frames (the paper setting); "concat" keeps
     # frame order (features side by side), which motion whose reverse is another class needs
     temporal_pooling: Literal["mean", "concat"] = "mean"
+    # precision the frozen matmul weights are held in (bf16 / fp16 halve their memory on a GPU); trained tensors
+    # stay fp32, and a low-precision backbone runs under the same train.precision
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
 
     def check(self) -> None:
         _positive("backbone.img_size", self.img_size)
@@ -58,8 +62,11 @@ class DataSection:
     seed: int = 0
     frames: int | None = None  # clips of this many frames (video domains, frame-wise backbone); None: images
     tasks: list[str] = field(default_factory=list)  # dense tasks predicted on every image (regime multitask)
+    workers: int = 0  # processes decoding batches (video, PASCAL, image folders); 0: on the training thread
 
     def check(self) -> None:
+        if self.workers < 0:
+            raise ConfigError(f"data.workers must be ≥ 0, got {self.workers}")
         if self.frames is not None:
             _positive("data.frames", self.frames)
         if not self.domains:
@@ -84,6 +91,11 @@ class DataSection:
             raise ConfigError(f"data.class_balance must lie in [0, 1], got {self.class_balance}")
 
 
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+EXECUTION_KEYS = {"train": ("threads", "device", "compile"), "data": ("workers",)}
+"""Keys that say how a run executes, not what it computes: a run may resume with other values."""
+
+
 @dataclass
 class TrainSection:
     # multidomain: one domain (head) per sample; multitask: every data.tasks head on every image (dense)
@@ -102,8 +114,15 @@ class TrainSection:
     seed: int = 0
     threads: int | None = None  # torch intra-op threads; None leaves torch's default (not part of the recipe)
     label_smoothing: float = 0.0
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N; under torchrun each rank its LOCAL_RANK GPU
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast for forward passes (fp16 adds a gradient scaler)
+    compile: bool | str = False  # torch.compile the routed backbone: true (inductor) or a backend name
 
     def check(self) -> None:
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:<index>, got {self.device!r}")
+        if isinstance(self.compile, str) and not self.compile:
+            raise ConfigError("train.compile must be true, false or a torch.compile backend name")
         for key in ("steps", "batch_size", "eval_every", "checkpoint_every", "eval_batch_size"):
             _positive(f"train.{key}", getattr(self, key))
         _positive("train.lr", self.lr)
@@ -239,6 +258,14 @@ def task_names(data: DataSection, train: TrainSection) -> list[str]:
     return list(data.tasks) if train.regime == "multitask" else list(data.domains)
 
 
+def check_precision(backbone: BackboneSection, train: TrainSection) -> None:
+    if backbone.dtype != "fp32" and train.precision != backbone.dtype:
+        raise ConfigError(
+            f"backbone.dtype={backbone.dtype} holds the frozen weights in {backbone.dtype}: run it under "
+            f"train.precision={backbone.dtype} (got {train.precision})"
+        )
+
+
 def check_tasks(data: DataSection, train: TrainSection) -> None:
     if train.regime == "multitask" and not data.tasks:
         raise ConfigError(f"train.regime multitask needs data.tasks (some of {sorted(TASK_OUTPUTS)})")
@@ -314,6 +341,7 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
         if name != "method"
     }
     check_tasks(sections["data"], sections["train"])
+    check_precision(sections["backbone"], sections["train"])
     method = check_method(raw.get("method", {"name": "lora"}), task_names(sections["data"], sections["train"]))
     return RunConfig(method=method, **sections)
 

@@ -23,7 +23,7 @@ from torch import nn
 from .branches import BasisBank, Init, LoRAGroup, Routing
 from .layer import AdaptedLinear
 from .routing import RouteContext
-from .subspace import Form, Subspace, TruncationK, column_space, weight_subspaces
+from .subspace import Form, Subspace, TruncationK, column_space, factor_dtype, weight_subspaces
 
 Targets = Sequence[str] | str
 RankSchedule = Callable[["BlockLayout"], Sequence[int]]
@@ -227,7 +227,7 @@ def _build_group(
     if group.bank_size > 0:
         key = f"{group.name}_{out}x{inp}"
         if key not in banks:
-            banks[key] = BasisBank(group.bank_size, rank, inp, out)
+            banks[key] = BasisBank(group.bank_size, rank, inp, out).to(layer.base.weight.device)
         bank = banks[key]
         if bank.rank != rank:
             raise ValueError(f"{layer.name}: a shared bank needs one rank per shape; got {rank} and {bank.rank}")
@@ -238,7 +238,8 @@ def _build_group(
             raise ValueError(f"unknown input subspace {group.input_subspace!r}; choose 'span' or 'complement'")
         # empty until a FeatureMemory fills it: a span then allows nothing, a complement everything
         complement = group.input_subspace == "complement"
-        input_space = Subspace(layer.base.weight.new_zeros(inp, 0), complement=complement)
+        weight = layer.base.weight
+        input_space = Subspace(weight.new_zeros(inp, 0, dtype=factor_dtype(weight)), complement=complement)
     effective_rank = rank * max(group.bank_size, 1)
     scale = group.scale if group.scale is not None else (group.alpha or effective_rank) / effective_rank
     return LoRAGroup(

@@ -2,11 +2,15 @@
 
 ``y = W x + b + Σ_groups Σ_k g_k(sample) · s_k · B_k A_k x``.  The forward reads the route from the
 shared :class:`~loraplex.core.routing.RouteContext`; it never hooks, never re-groups the batch.
-Mixed batches arrive sorted by task (the model sorted them once), so each strategy is cheap:
+Mixed-batch kernels:
 
-* ``slices`` — one low-rank product per task segment, concatenated (no gathers);
-* ``bmm`` — gather each sample's factors and run two batched matmuls;
+* ``bmm`` — gather each sample's factors and run two batched matmuls (any sample order);
+* ``slices`` — one low-rank product per task segment of a batch sorted by task (no gathers);
 * ``masked`` — one GEMM through every branch, masked per sample (also the soft-routing kernel).
+
+Every kernel adds its low-rank product **in place** into ``W x + b`` (a fresh tensor autograd does not
+need): no second output tensor, no copy of it.  The factors follow the activations' dtype, so a frozen
+backbone held in bf16 runs with fp32 trainable factors, with or without autocast.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ class AdaptedLinear(nn.Module):
             if recorder is not None:
                 recorder.observe(x)
         y = self.base(x)
-        if ctx.merged_task is not False:  # deltas already folded into W
+        if ctx.merged:  # deltas already folded into W
             return y
         for group in self.groups.values():
             y = add_group_output(group, x, y, ctx.route)
@@ -57,7 +61,7 @@ class AdaptedLinear(nn.Module):
 
     def delta_weight(self, task: int | None) -> torch.Tensor:
         """The input-independent ``ΔW`` that fires for ``task`` (shared groups plus that task's branch)."""
-        total = torch.zeros_like(self.base.weight)
+        deltas = []
         for key, group in self.groups.items():
             if group.routing == "soft":
                 raise ValueError(
@@ -65,10 +69,10 @@ class AdaptedLinear(nn.Module):
                     "to merge or export"
                 )
             if group.routing == "always":
-                total = total + group.delta_weight(0)
+                deltas.append(group.delta_weight(0))
             elif task is not None:
-                total = total + group.delta_weight(task)
-        return total
+                deltas.append(group.delta_weight(task))
+        return sum(deltas) if deltas else torch.zeros_like(self.base.weight)
 
     def forward_streams(
         self, x_shared: torch.Tensor, x_tasks: torch.Tensor | None = None
@@ -79,67 +83,68 @@ class AdaptedLinear(nn.Module):
         ``y_tasks[t] = W x_sh + b + s_t B_t A_t x_t`` (``x_t = x_shared`` when ``x_tasks`` is None).
         The task path deliberately omits the shared delta, as MTLoRA's task-specific layers do.
         """
-        if self.context.merged_task is not False:
+        if self.context.merged:
             raise RuntimeError(f"{self.name}: task streams cannot run on merged weights (shared delta counted twice)")
         pre = self.base(x_shared)
-        y_shared = pre
-        task_group = None
-        for group in self.groups.values():
-            if group.routing == "always":
-                y_shared = _always(group, x_shared, y_shared)
-            elif group.routing == "task":
-                task_group = group
+        task_group = next((g for g in self.groups.values() if g.routing == "task"), None)
         if task_group is None:
             raise ValueError(f"{self.name}: forward_streams needs a task-routed group on this layer")
         a, b = task_group.factors()
-        tasks, width, out = a.shape[0], x_shared.shape[-1], pre.shape[-1]
-        # contiguous [T, N, ·] batched products, the scale on the rank-r intermediate and the add fused into
-        # the last product: every [T, N, ·] tensor is written once and read with unit strides (what task
-        # streams cost on a CPU is this memory-bound work; einsum's strided views made it ~3× slower)
-        shared_input = x_shared.reshape(1, -1, width).expand(tasks, -1, -1)
-        x = shared_input if x_tasks is None else x_tasks.reshape(tasks, -1, width)
-        h = torch.bmm(x, a.transpose(1, 2)) * task_group.scale.view(-1, 1, 1)
-        y_tasks = torch.baddbmm(pre.reshape(1, -1, out).expand(tasks, -1, -1), h, b.transpose(1, 2))
+        tasks, rank, width, out = a.shape[0], a.shape[1], x_shared.shape[-1], pre.shape[-1]
+        if x_tasks is None:  # one GEMM through every task's A: the shared input is read once, not once per task
+            rows = x_shared.reshape(-1, width)
+            h = (rows @ a.reshape(tasks * rank, width).to(rows.dtype).T).view(-1, tasks, rank).transpose(0, 1)
+        else:
+            h = torch.bmm(x_tasks.reshape(tasks, -1, width), a.to(x_tasks.dtype).transpose(1, 2))
+        # contiguous [T, N, ·] operands, the scale on the rank-r intermediate and the add fused into the last
+        # product: what task streams cost on a CPU is this memory-bound work (strided views made it ~3× slower)
+        h = h.to(pre.dtype).contiguous() * task_group.scale.to(pre.dtype).view(-1, 1, 1)
+        y_tasks = torch.baddbmm(pre.reshape(1, -1, out).expand(tasks, -1, -1), h, b.to(pre.dtype).transpose(1, 2))
+        y_shared = pre  # baddbmm saved nothing of `pre`, so the shared deltas may now go into it in place
+        for group in self.groups.values():
+            if group.routing == "always":
+                y_shared = _always(group, x_shared, y_shared)
         return y_shared, y_tasks.view(tasks, *pre.shape)
 
 
-def _add_product(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``y + h Bᵀ`` as one fused ``addmm`` over the flattened leading dimensions."""
-    return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), b.T).view_as(y)
-
-
-def _low_rank(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``y + scale · (x Aᵀ) Bᵀ``: the scale multiplies the rank-r intermediate (cheapest place)."""
-    return _add_product(y, (x @ a.T) * scale, b)
+def _low_rank_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``y += scale · (x Aᵀ) Bᵀ`` in place; the scale multiplies the rank-r intermediate (cheapest place)."""
+    h = (x @ a.to(x.dtype).T).to(y.dtype) * scale.to(y.dtype)
+    y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.to(y.dtype).T)
+    return y
 
 
 def _always(group: LoRAGroup, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     a, b = group.factors()
-    return _low_rank(group.dropout(x), y, a[0], b[0], group.scale[0])
+    return _low_rank_(y, group.dropout(x), a[0], b[0], group.scale[0])
 
 
 def add_group_output(group: LoRAGroup, x: torch.Tensor, y: torch.Tensor, route: Route) -> torch.Tensor:
-    """``y`` plus the routed output of one group for input ``x`` ``[batch·k, ..., in]``."""
+    """``y`` plus the routed output of one group for input ``x`` ``[batch·k, ..., in]`` (``y`` updated in place)."""
     if group.routing == "always":
         return _always(group, x, y)
     if group.routing == "soft":
         if route.weights is None:
             raise RuntimeError("a soft-routed group ran without gate weights in the route")
         return _masked(group, x, y, route.weights)
-    if route.task is not None:
+    if route.index is not None:  # homogeneous: the task is a tensor, so one compiled graph serves every task
         a, b = group.factors()
-        t = route.task
-        return _low_rank(group.dropout(x), y, a[t], b[t], group.scale[t])
+        one = route.index
+        a, b, scale = a.index_select(0, one)[0], b.index_select(0, one)[0], group.scale.index_select(0, one)
+        return _low_rank_(y, group.dropout(x), a, b, scale)
     if route.task_ids is None:
         return y  # shared-only route: task branches stay silent
     if route.strategy == "slices":
         return _slices(group, x, y, route)
     if route.strategy == "bmm":
-        return _bmm(group, x, y, route)
-    return _masked(group, x, y, route.task_mask(group.n, x.dtype))
+        return _bmm(group, x, y, route.task_ids)
+    ids = route.task_ids
+    one_hot = ids.unsqueeze(1) == torch.arange(group.n, device=ids.device)
+    return _masked(group, x, y, one_hot.to(group.scale.dtype))
 
 
 def _per_sample(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """An input ``[batch·k, …, C]`` as ``[batch, -1, C]`` (outputs use ``view``, so in-place updates reach them)."""
     if t.shape[0] % batch:
         raise RuntimeError(f"layer input leading dim {t.shape[0]} is not a multiple of the batch {batch}")
     return t.reshape(batch, -1, t.shape[-1])
@@ -148,17 +153,19 @@ def _per_sample(t: torch.Tensor, batch: int) -> torch.Tensor:
 def _slices(group: LoRAGroup, x: torch.Tensor, y: torch.Tensor, route: Route) -> torch.Tensor:
     a, b = group.factors()
     batch = len(route.task_ids)
-    xs, ys = _per_sample(group.dropout(x), batch), _per_sample(y, batch)
-    parts = [_low_rank(xs[i:j], ys[i:j], a[t], b[t], group.scale[t]) for t, i, j in route.segments]
-    return torch.cat(parts).view_as(y)
+    xs, ys = _per_sample(group.dropout(x), batch), y.view(batch, -1, y.shape[-1])
+    for t, i, j in route.segments:  # contiguous views of y, each updated in place
+        _low_rank_(ys[i:j], xs[i:j], a[t], b[t], group.scale[t])
+    return y
 
 
-def _bmm(group: LoRAGroup, x: torch.Tensor, y: torch.Tensor, route: Route) -> torch.Tensor:
+def _bmm(group: LoRAGroup, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     a, b = group.factors()
-    ids = route.task_ids
     xs = _per_sample(group.dropout(x), len(ids))
-    h = torch.bmm(xs, a[ids].transpose(1, 2)) * group.scale[ids].view(-1, 1, 1)
-    return torch.baddbmm(_per_sample(y, len(ids)), h, b[ids].transpose(1, 2)).view_as(y)
+    h = torch.bmm(xs, a.index_select(0, ids).to(xs.dtype).transpose(1, 2)).to(y.dtype)
+    h = h * group.scale.index_select(0, ids).to(y.dtype).view(-1, 1, 1)
+    y.view(len(ids), -1, y.shape[-1]).baddbmm_(h, b.index_select(0, ids).to(y.dtype).transpose(1, 2))
+    return y
 
 
 def _masked(group: LoRAGroup, x: torch.Tensor, y: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
@@ -167,6 +174,8 @@ def _masked(group: LoRAGroup, x: torch.Tensor, y: torch.Tensor, gates: torch.Ten
     n, r = a.shape[0], a.shape[1]
     batch = gates.shape[0]
     xs = _per_sample(group.dropout(x), batch)
-    h = (xs @ a.reshape(n * r, -1).T) * (gates * group.scale).repeat_interleave(r, dim=1).unsqueeze(1)
-    b_cat = b.permute(1, 0, 2).reshape(b.shape[1], n * r)
-    return _add_product(y, h, b_cat)
+    h = (xs @ a.reshape(n * r, -1).to(xs.dtype).T).to(y.dtype)
+    h = h * (gates * group.scale).to(y.dtype).repeat_interleave(r, dim=1).unsqueeze(1)
+    b_cat = b.permute(1, 0, 2).reshape(b.shape[1], n * r).to(y.dtype)
+    y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, n * r), b_cat.T)
+    return y

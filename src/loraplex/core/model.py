@@ -3,9 +3,9 @@
 ``model(x, task=...)`` accepts:
 
 * a task name or index — homogeneous batch, returns that head's logits ``[B, C]``;
-* a ``LongTensor[B]`` of task indices or a list of names — a **mixed batch**: the batch is sorted by
-  task once, the backbone runs once, and a :class:`MixedOutput` holds each task's logits with the
-  original positions of its samples;
+* a ``LongTensor[B]`` of task indices or a list of names — a **mixed batch**: the backbone runs once
+  with per-sample routing, and a :class:`MixedOutput` holds every head's logits and each sample's task
+  (its losses and predictions take each sample through its own head);
 * ``"all"`` — every task on every sample: ``{task: logits}`` (generic path: the batch is repeated per
   task and run as one mixed batch; methods with stream-aware blocks, such as MTLoRA, do better);
 * ``None`` — shared branches only; returns pooled features (no head).
@@ -32,18 +32,70 @@ TaskSpec = str | int | torch.Tensor | Sequence[str] | Sequence[int] | None
 
 @dataclass
 class MixedOutput:
-    """Per-task logits of a mixed batch; ``index[t]`` gives the original positions of ``logits[t]``."""
+    """A mixed batch's logits: every head applied to every sample (``outputs[name]``: ``[B, C_name]``, batch
+    order) and each sample's task id.
 
-    logits: dict[str, torch.Tensor]
-    index: dict[str, torch.Tensor]
+    Losses and predictions pick each sample's own head through masks, so they never read the ids on the
+    host (a training step on a GPU does not stall, a compiled graph does not break).  ``logits`` and
+    ``index`` — per task, only that task's samples and their positions — do read them: for inspection."""
 
-    def loss(self, targets: torch.Tensor, loss_fn=nn.functional.cross_entropy) -> torch.Tensor:
-        """Sum over tasks of each task's mean loss (MoLA / multi-domain convention)."""
-        return sum(loss_fn(self.logits[t], targets[self.index[t]]) for t in self.logits)
+    outputs: dict[str, torch.Tensor]
+    task_ids: torch.Tensor
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.outputs)
+
+    @property
+    def index(self) -> dict[str, torch.Tensor]:
+        """Positions of each present task's samples in the batch (ascending)."""
+        found = {name: torch.nonzero(self.task_ids == t).flatten() for t, name in enumerate(self.outputs)}
+        return {name: rows for name, rows in found.items() if rows.numel()}
+
+    @property
+    def logits(self) -> dict[str, torch.Tensor]:
+        """Each present task's logits on its own samples (in batch order)."""
+        return {name: self.outputs[name].index_select(0, rows) for name, rows in self.index.items()}
+
+    def task_mask(self) -> torch.Tensor:
+        """``[B, T]`` one-hot of the samples' tasks (bool)."""
+        ids = self.task_ids
+        return ids.unsqueeze(1) == torch.arange(len(self.outputs), device=ids.device)
+
+    def sample_losses(self, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+        """``[B]`` cross-entropy of each sample through its own task's head."""
+        losses = torch.zeros(targets.shape[0], device=targets.device)
+        for t, logits in enumerate(self.outputs.values()):
+            own = self.task_ids == t  # other tasks' labels may exceed this head: clamped, then masked out
+            ce = nn.functional.cross_entropy(
+                logits.float(),
+                targets.clamp(max=logits.shape[1] - 1),
+                reduction="none",
+                label_smoothing=label_smoothing,
+            )
+            losses = torch.where(own, ce, losses)
+        return losses
+
+    def loss(self, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+        """Sum over the batch's tasks of each task's mean loss (MoLA / multi-domain convention)."""
+        mask = self.task_mask().to(torch.float32)
+        per_task = (self.sample_losses(targets, label_smoothing).unsqueeze(1) * mask).sum(0)
+        return (per_task / mask.sum(0).clamp(min=1)).sum()
+
+    def predictions(self) -> torch.Tensor:
+        """``[B]`` arg-max class of each sample under its own task's head."""
+        predicted = torch.zeros_like(self.task_ids)
+        for t, logits in enumerate(self.outputs.values()):
+            predicted = torch.where(self.task_ids == t, logits.argmax(1), predicted)
+        return predicted
 
 
 class AdaptedModel(nn.Module):
-    """Backbone + adapted layers + heads.  Built by :func:`loraplex.wrap`; methods never subclass it."""
+    """Backbone + adapted layers + heads.  Built by :func:`loraplex.wrap`; methods never subclass it.
+
+    Device and dtype: ``model.to(device)`` moves everything (a non-persistent buffer of task indices
+    included, which is what homogeneous routes hand the layers).  Features reach the heads in the heads'
+    dtype, so a backbone held in bf16 feeds fp32 heads with or without autocast."""
 
     def __init__(
         self,
@@ -67,6 +119,11 @@ class AdaptedModel(nn.Module):
         self.saved_modules: list[str] = []
         self.head_spec: dict = {"kind": "linear"}
         self.head_outputs: dict[str, int] = {}
+        self.register_buffer("task_range", torch.arange(len(self.tasks)), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.task_range.device
 
     # ---- routing -------------------------------------------------------------------------------
     def task_index(self, task: str | int) -> int:
@@ -78,13 +135,24 @@ class AdaptedModel(nn.Module):
             raise ValueError(f"unknown task {task!r}; this model's tasks are {self.tasks}")
         return self.tasks.index(task)
 
-    def task_ids(self, task: Sequence[str] | Sequence[int] | torch.Tensor) -> torch.Tensor:
-        if isinstance(task, torch.Tensor):
-            ids = task.long()
-            if ids.numel() and (ids.min() < 0 or ids.max() >= len(self.tasks)):
+    def task_ids(self, task: Sequence[str] | Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Per-sample task ids on ``device``.  Ids given on the CPU (or as names) are range-checked there; ids
+        already on an accelerator are checked asynchronously, so the forward never waits for the device."""
+        if not isinstance(task, torch.Tensor):
+            task = torch.tensor([self.task_index(t) for t in task], dtype=torch.long)
+        ids = task.long()
+        valid = ((ids >= 0) & (ids < len(self.tasks))).all()
+        if ids.device.type == "cpu":
+            if ids.numel() and not valid:
                 raise ValueError(f"task ids must lie in [0, {len(self.tasks)}), got {ids.unique().tolist()}")
-            return ids
-        return torch.tensor([self.task_index(t) for t in task], dtype=torch.long)
+        else:
+            torch._assert_async(valid, f"task ids must lie in [0, {len(self.tasks)})")
+        return ids.to(device, non_blocking=True)
+
+    def task_route(self, task: str | int) -> Route:
+        """The homogeneous route of ``task``: its index as a view of a device buffer (no host-to-device copy)."""
+        t = self.task_index(task)
+        return Route(task=t, index=self.task_range[t : t + 1], strategy=self.mixed_strategy)
 
     def adapted_layers(self) -> dict[str, AdaptedLinear]:
         return {m.name: m for m in self.backbone.modules() if isinstance(m, AdaptedLinear)}
@@ -104,21 +172,39 @@ class AdaptedModel(nn.Module):
 
     @contextlib.contextmanager
     def routed(self, route: Route) -> Iterator[None]:
-        merged = self.context.merged_task
-        if merged is not False and (route.task_ids is not None or route.task != merged):
+        ctx = self.context
+        if ctx.merged and (route.task_ids is not None or route.task != ctx.merged_task):
             raise RuntimeError(
-                f"the model is merged for task {merged!r}; unmerge (leave the `merged` block) before "
+                f"the model is merged for task {ctx.merged_task!r}; unmerge (leave the `merged` block) before "
                 "running another task or a mixed batch"
             )
-        previous = self.context.set(route)
+        previous = ctx.set(route)
         try:
             yield
         finally:
-            self.context.set(previous)
+            ctx.set(previous)
 
     def _features(self, x: torch.Tensor, route: Route) -> torch.Tensor:
         with self.routed(route):
             return self.backbone(x)
+
+    def _mixed_features(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Features of a mixed batch in its own order.  Only ``slices`` needs the batch sorted by task (and
+        the segment bounds on the host); ``bmm`` and ``masked`` take it as it comes."""
+        if ids.shape[0] != x.shape[0]:
+            raise ValueError(f"{ids.shape[0]} task ids for a batch of {x.shape[0]}")
+        if self.mixed_strategy != "slices":
+            return self._features(x, Route.for_samples(ids, self.mixed_strategy))
+        order = torch.argsort(ids, stable=True)
+        feats = self._features(x[order], Route.for_samples(ids[order], "slices"))
+        return feats[torch.argsort(order)]
+
+    def _head(self, name: str, features):
+        """The task's head on features cast to the heads' dtype (a pyramid is a list of maps)."""
+        dtype = next(self.heads.parameters()).dtype
+        if isinstance(features, torch.Tensor):
+            return self.heads[name](features.to(dtype))
+        return self.heads[name]([f.to(dtype) for f in features])
 
     # ---- forward -------------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor, task: TaskSpec = None) -> torch.Tensor:
@@ -126,11 +212,8 @@ class AdaptedModel(nn.Module):
         if task is None:
             return self._features(x, Route())
         if isinstance(task, str | int):
-            return self._features(x, Route(task=self.task_index(task)))
-        ids = self.task_ids(task).to(x.device)
-        order = torch.argsort(ids, stable=True)
-        feats = self._features(x[order], Route.for_samples(ids[order], self.mixed_strategy))
-        return feats[torch.argsort(order)]
+            return self._features(x, self.task_route(task))
+        return self._mixed_features(x, self.task_ids(task, x.device))
 
     def forward(self, x: torch.Tensor, task: TaskSpec = None):
         if task is None:
@@ -138,13 +221,16 @@ class AdaptedModel(nn.Module):
         if self.streams:
             return self._all_tasks(x, task)
         if isinstance(task, str) and task == "all":
-            ids = torch.arange(len(self.tasks), device=x.device).repeat_interleave(x.shape[0])
-            mixed = self._mixed(x.repeat(len(self.tasks), *([1] * (x.dim() - 1))), ids)
-            return mixed.logits
+            ids = self.task_range.repeat_interleave(x.shape[0])
+            features = self._mixed_features(x.repeat(len(self.tasks), *([1] * (x.dim() - 1))), ids)
+            return {
+                name: self._head(name, f) for name, f in zip(self.tasks, features.chunk(len(self.tasks)), strict=True)
+            }
         if isinstance(task, str | int):
-            t = self.task_index(task)
-            return self.heads[self.tasks[t]](self._features(x, Route(task=t)))
-        return self._mixed(x, self.task_ids(task).to(x.device))
+            return self._head(self.tasks[self.task_index(task)], self._features(x, self.task_route(task)))
+        ids = self.task_ids(task, x.device)
+        features = self._mixed_features(x, ids)
+        return MixedOutput({name: self._head(name, features) for name in self.tasks}, ids)
 
     def _all_tasks(self, x: torch.Tensor, task: TaskSpec):
         if not (isinstance(task, str | int)):
@@ -152,24 +238,9 @@ class AdaptedModel(nn.Module):
         with self.routed(Route()):
             streams = self.backbone.forward_tasks(x, len(self.tasks))
         if task == "all":
-            return {name: self.heads[name](streams[t]) for t, name in enumerate(self.tasks)}
+            return {name: self._head(name, streams[t]) for t, name in enumerate(self.tasks)}
         t = self.task_index(task)
-        return self.heads[self.tasks[t]](streams[t])
-
-    def _mixed(self, x: torch.Tensor, ids: torch.Tensor) -> MixedOutput:
-        if ids.shape[0] != x.shape[0]:
-            raise ValueError(f"{ids.shape[0]} task ids for a batch of {x.shape[0]}")
-        order = torch.argsort(ids, stable=True)
-        sorted_ids = ids[order]
-        route = Route.for_samples(sorted_ids, self.mixed_strategy)
-        feats = self._features(x[order], route)
-        logits, index = {}, {}
-        segments = route.segments or ((route.task, 0, len(ids)),)
-        for t, start, stop in segments:
-            name = self.tasks[t]
-            logits[name] = self.heads[name](feats[start:stop])
-            index[name] = order[start:stop]
-        return MixedOutput(logits, index)
+        return self._head(self.tasks[t], streams[t])
 
     def save(self, directory) -> None:
         """Write ``loraplex_config.json`` + ``adapters.safetensors`` (see :mod:`loraplex.core.state`)."""
@@ -177,24 +248,36 @@ class AdaptedModel(nn.Module):
 
         save(self, directory)
 
+    def compile(self, *args, **kwargs) -> None:
+        """Compile the routed backbone in place (:meth:`torch.nn.Module.compile`; state-dict keys unchanged).
+
+        Routes hold tensors only, so one graph serves every task and every mix of tasks (``slices``
+        excepted: its segment bounds are Python ints).  Route making and the heads stay eager: they read
+        task names and are tiny next to the backbone."""
+        self.backbone.compile(*args, **kwargs)
+
     # ---- merging -------------------------------------------------------------------------------
     @contextlib.contextmanager
     def merged(self, task: str | int | None = None) -> Iterator[AdaptedModel]:
-        """Fold shared + ``task`` deltas into each frozen W (exact); W is restored on exit."""
-        if self.context.merged_task is not False:
+        """Fold shared + ``task`` deltas into each frozen W (exact); W is restored on exit.
+
+        Each W is swapped for a fresh ``W + ΔW`` and the original tensor put back afterwards: one pass
+        over the weights, and the restored W is the very tensor that was there (bit-exact)."""
+        ctx = self.context
+        if ctx.merged:
             raise RuntimeError("the model is already merged")
         t = None if task is None else self.task_index(task)
-        originals: list[tuple[AdaptedLinear, torch.Tensor]] = []
+        originals: list[tuple[nn.Parameter, torch.Tensor]] = []
         try:
             with torch.no_grad():
                 for layer in self.adapted_layers().values():
-                    delta = layer.delta_weight(t)
-                    originals.append((layer, layer.base.weight.detach().clone()))
-                    layer.base.weight.add_(delta.to(layer.base.weight.dtype))
-            self.context.merged_task = t
+                    weight = layer.base.weight
+                    delta = layer.delta_weight(t).to(weight.dtype)
+                    originals.append((weight, weight.data))
+                    weight.data = weight.data + delta
+            ctx.merged, ctx.merged_task = True, t
             yield self
         finally:
-            with torch.no_grad():
-                for layer, weight in originals:
-                    layer.base.weight.copy_(weight)
-            self.context.merged_task = False
+            for weight, original in originals:
+                weight.data = original
+            ctx.merged, ctx.merged_task = False, None

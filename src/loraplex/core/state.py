@@ -29,33 +29,69 @@ class AdapterFileError(ValueError):
     """An adapter directory that is missing, corrupted, or made for another backbone."""
 
 
-def fingerprint(backbone: nn.Module) -> str:
-    """sha256 over the names, shapes, dtypes and values of a pristine backbone's state."""
-    digest = hashlib.sha256()
+FINGERPRINT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The precisions a frozen backbone may be held in: an adapter records the backbone's fingerprint in each."""
+
+
+def fingerprint(backbone: nn.Module, dtype: torch.dtype | None = None) -> str:
+    """sha256 over the names, shapes, dtypes and values of a pristine backbone's state, every floating tensor
+    first cast to ``dtype`` (None: as they are)."""
+    return _fingerprints(backbone, [dtype])[0]
+
+
+def _fingerprints(backbone: nn.Module, dtypes: list[torch.dtype | None]) -> list[str]:
+    """One digest per dtype in one pass over the state (a tensor is moved to the CPU once)."""
+    digests = [hashlib.sha256() for _ in dtypes]
     for name, tensor in sorted(backbone.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
+        for digest, dtype in zip(digests, dtypes, strict=True):
+            cast = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+            digest.update(f"{name}:{tuple(cast.shape)}:{cast.dtype};".encode())
+            digest.update(cast.reshape(-1).view(torch.uint8).numpy().tobytes() if cast.numel() else b"")
+    return [d.hexdigest() for d in digests]
+
+
+def storage_dtype(backbone: nn.Module) -> str:
+    """The precision a backbone's weights are held in: its lowest floating dtype (fp64 counts as fp32, since an
+    fp32 value survives the round trip).  A backbone mixing bf16 and fp16 has no such precision."""
+    found = {t.dtype for t in backbone.state_dict().values() if t.is_floating_point()}
+    low = found & {torch.bfloat16, torch.float16}
+    if len(low) > 1:
+        raise AdapterFileError("the backbone mixes bfloat16 and float16 weights: hold its frozen weights in one dtype")
+    return str(low.pop()).removeprefix("torch.") if low else "float32"
 
 
 def backbone_description(backbone: nn.Module) -> dict:
+    """Class, timm architecture and fingerprints of the pristine backbone: ``fingerprint`` (its weights in
+    fp32, the key files of every version hold) and ``fingerprints`` (in each of :data:`FINGERPRINT_DTYPES`), so
+    that the same weights held in bf16 or fp16 load the adapter and other weights do not."""
     cfg = getattr(backbone, "pretrained_cfg", None) or {}
+    digests = dict(zip(FINGERPRINT_DTYPES, _fingerprints(backbone, list(FINGERPRINT_DTYPES.values())), strict=True))
     return {
         "class": type(backbone).__name__,
         "architecture": cfg.get("architecture", ""),
-        "fingerprint": fingerprint(backbone),
+        "fingerprint": digests["float32"],
+        "fingerprints": digests,
     }
 
 
 def check_backbone(saved: dict, backbone: nn.Module, where: str) -> None:
-    given = backbone_description(backbone)
-    if given["fingerprint"] != saved.get("fingerprint"):
+    """Refuse a backbone other than the one ``saved`` describes (another architecture or other weights); the
+    same weights held in bf16 / fp16 are compared with the saved backbone cast to that precision."""
+    dtype = storage_dtype(backbone)
+    expected = saved.get("fingerprints", {}).get(dtype) or (saved.get("fingerprint") if dtype == "float32" else None)
+    if expected is None:
+        raise AdapterFileError(
+            f"{where} was saved before adapters recorded {dtype} fingerprints: load it on the backbone in float32"
+        )
+    given = fingerprint(backbone, FINGERPRINT_DTYPES[dtype])
+    if given != expected:
+        cfg = getattr(backbone, "pretrained_cfg", None) or {}
+        architecture = cfg.get("architecture") or type(backbone).__name__
         raise AdapterFileError(
             f"{where} was trained on backbone {saved.get('architecture') or saved.get('class')} "
-            f"(fingerprint {str(saved.get('fingerprint'))[:12]}…), but the given backbone is "
-            f"{given['architecture'] or given['class']} (fingerprint {given['fingerprint'][:12]}…): "
-            "load it on the exact backbone (architecture and weights) it was trained on"
+            f"(fingerprint {str(expected)[:12]}…), but the given backbone is {architecture} held in {dtype} "
+            f"(fingerprint {given[:12]}…): load it on the exact backbone (architecture and weights) it was trained on"
         )
 
 

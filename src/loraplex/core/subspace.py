@@ -39,18 +39,25 @@ def numerical_rank_k(singular_values: torch.Tensor, shape: tuple[int, int], k: T
     return int(k)
 
 
+def factor_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype of what is built beside a frozen ``W``: its own, but never below fp32 (a backbone held in bf16
+    keeps fp32 bases and factors)."""
+    return torch.promote_types(weight.dtype, torch.float32)
+
+
 def weight_subspaces(weight: torch.Tensor, k: TruncationK = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(U_c, U_⊥)``: orthonormal bases of the column space (first k left singular vectors) and of
     the rest of the output space, from a full SVD of ``W`` (``out × in``) in float64."""
     u, kk = _left_singular(weight, k, full=True)
-    return u[:, :kk].to(weight.dtype).contiguous(), u[:, kk:].to(weight.dtype).contiguous()
+    dtype = factor_dtype(weight)
+    return u[:, :kk].to(dtype).contiguous(), u[:, kk:].to(dtype).contiguous()
 
 
 def column_space(weight: torch.Tensor, k: TruncationK = None) -> torch.Tensor:
     """``U_c`` alone, from a thin SVD: enough wherever the rest is used only as a complement, and much
     cheaper than the full SVD on tall layers (ViT-B's qkv: 2304×768)."""
     u, kk = _left_singular(weight, k, full=False)
-    return u[:, :kk].to(weight.dtype).contiguous()
+    return u[:, :kk].to(factor_dtype(weight)).contiguous()
 
 
 def _left_singular(weight: torch.Tensor, k: TruncationK, full: bool) -> tuple[torch.Tensor, int]:
@@ -119,7 +126,8 @@ class FeatureMemory:
     any number of tokens can be observed.  :meth:`grow` adds, after each task, the fewest new
     directions (orthogonal to the memory) such that the memory retains ``threshold`` of that task's
     input energy: ``‖Mᵀ X‖² + Σ_{i≤k} σ_i² ≥ ε ‖X‖²`` with σ from the residual ``(I − M Mᵀ) X``.
-    The per-task bases are kept too (DualLoRA needs ``U_t`` beside ``M = [U_1 … U_t]``).
+    The per-task bases are kept too (DualLoRA needs ``U_t`` beside ``M = [U_1 … U_t]``).  Statistics and
+    bases live on the device of the inputs observed (a GPU run never copies activations to the host).
     """
 
     def __init__(self, dim: int, cls_only: bool = False) -> None:
@@ -130,7 +138,7 @@ class FeatureMemory:
         self.reset_statistics()
 
     def reset_statistics(self) -> None:
-        self.covariance = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+        self.covariance = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.basis.device)
         self.count = 0
 
     @torch.no_grad()
@@ -139,13 +147,16 @@ class FeatureMemory:
         if self.cls_only and x.dim() >= 3:
             x = x[:, 0]
         flat = x.reshape(-1, self.dim).double()
+        if self.covariance.device != flat.device:  # follow the model: move what is kept, once
+            self.basis = self.basis.to(flat.device)
+            self.covariance = self.covariance.to(flat.device)
         self.covariance += flat.T @ flat
         self.count += flat.shape[0]
 
     def _residual_eigen(self) -> tuple[torch.Tensor, torch.Tensor, float, float]:
         m = self.basis
         c = self.covariance
-        projector = torch.eye(self.dim, dtype=c.dtype) - m @ m.T
+        projector = torch.eye(self.dim, dtype=c.dtype, device=c.device) - m @ m.T
         residual = projector @ c @ projector
         evals, evecs = torch.linalg.eigh(residual)
         order = evals.flip(0).clamp_min(0)
@@ -166,7 +177,7 @@ class FeatureMemory:
         k = 0
         if kept < threshold * total:
             cumulative = kept + evals.cumsum(0)
-            k = int(torch.searchsorted(cumulative, torch.tensor(threshold * total, dtype=cumulative.dtype)))
+            k = int(torch.searchsorted(cumulative, cumulative.new_tensor(threshold * total)))
             k = min(k + 1, self.dim - self.basis.shape[1])
         new = evecs[:, :k]
         self.task_bases.append(new.float())

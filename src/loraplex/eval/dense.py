@@ -37,83 +37,94 @@ PRIMARY = {  # the metric a task is judged by, and whether higher is better
 
 
 def task_loss(task: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``pred [B, K, H, W]`` against ``target``: class ids or a mask ``[B, H, W]``, or maps ``[B, C, H, W]``."""
+    """``pred [B, K, H, W]`` against ``target``: class ids or a mask ``[B, H, W]``, or maps ``[B, C, H, W]``.
+
+    Invalid pixels are weighted out rather than selected, so no loss reads the device from the host."""
     if task in ("semseg", "parts"):
         return F.cross_entropy(pred, target.long(), ignore_index=IGNORE)
     if task == "saliency":
-        valid = target != IGNORE
-        y = target[valid].float()
-        positive = y.mean()
-        weight = torch.where(y > 0.5, 1.0 - positive, positive)  # the rarer side weighs more
-        return F.binary_cross_entropy_with_logits(pred[:, 0][valid], y, weight=weight)
+        valid = (target != IGNORE).float()
+        y = torch.where(target != IGNORE, target.float(), 0.0)
+        count = valid.sum().clamp(min=1)
+        positive = (y * valid).sum() / count
+        weight = torch.where(y > 0.5, 1.0 - positive, positive) * valid  # the rarer side weighs more
+        return F.binary_cross_entropy_with_logits(pred[:, 0], y, weight=weight, reduction="sum") / count
     if task == "normals":
         valid = target.abs().sum(1) > 0
-        unit = F.normalize(pred, dim=1)
-        return (unit - target).abs().sum(1)[valid].mean() if valid.any() else pred.sum() * 0
+        error = (F.normalize(pred, dim=1) - target).abs().sum(1)
+        return torch.where(valid, error, 0.0).sum() / valid.sum().clamp(min=1)
     if task == "depth":
         return F.l1_loss(pred, target)
     raise ValueError(f"unknown dense task {task!r}")
 
 
 class DenseMeter:
-    """Accumulates one task's metric state over batches; ``result()`` gives the task's metrics."""
+    """Accumulates one task's metric state over batches; ``result()`` gives the task's metrics.
+
+    The state lives on the predictions' device and ``update`` never reads it on the host (no masks of
+    data-dependent size, no ``.item()``), so an evaluation on a GPU waits for the device once, in ``result``."""
 
     def __init__(self, task: str, outputs: int) -> None:
+        if task not in PRIMARY:
+            raise ValueError(f"unknown dense task {task!r}")
         self.task, self.outputs = task, outputs
-        self.confusion = torch.zeros(outputs, outputs, dtype=torch.int64)
-        self.jaccard = torch.zeros(len(THRESHOLDS), dtype=torch.float64)
-        self.precision = torch.zeros(len(THRESHOLDS), dtype=torch.float64)
-        self.recall = torch.zeros(len(THRESHOLDS), dtype=torch.float64)
-        self.images = 0
-        self.sum, self.sum_sq, self.count = 0.0, 0.0, 0
+        self.state: dict[str, torch.Tensor | int] = {}  # sums on the device; counts known from shapes as ints
+
+    def _add(self, key: str, value: torch.Tensor | int) -> None:
+        self.state[key] = self.state[key] + value if key in self.state else value
 
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         if self.task in ("semseg", "parts"):
             labels, guess = target.long().flatten(), pred.argmax(1).flatten()
             keep = labels != IGNORE
-            index = labels[keep] * self.outputs + guess[keep]
-            self.confusion += torch.bincount(index, minlength=self.outputs**2).view(self.outputs, self.outputs)
+            index = torch.where(keep, labels * self.outputs + guess, 0)
+            counts = torch.zeros(self.outputs**2, dtype=torch.int64, device=pred.device)
+            self._add("confusion", counts.index_add_(0, index, keep.long()).view(self.outputs, self.outputs))
         elif self.task == "saliency":
-            prob = torch.sigmoid(pred[:, 0]).flatten(1)
+            prob = torch.sigmoid(pred[:, 0].float()).flatten(1)
             truth = (target.flatten(1) > 0.5).double()
-            for i, tau in enumerate(THRESHOLDS):
+            sums: dict[str, list[torch.Tensor]] = {"jaccard": [], "precision": [], "recall": []}
+            for tau in THRESHOLDS.tolist():  # one at a time: a [thresholds, B, pixels] mask is ~1 GB at 448 px
                 guess = (prob > tau).double()
                 inter = (guess * truth).sum(1)
                 union = ((guess + truth) > 0).double().sum(1)
-                self.jaccard[i] += torch.where(union > 0, inter / union.clamp(min=1), 1.0).sum()
-                self.precision[i] += (inter / guess.sum(1).clamp(min=1)).sum()
-                self.recall[i] += (inter / truth.sum(1).clamp(min=1)).sum()
-            self.images += prob.shape[0]
+                sums["jaccard"].append(torch.where(union > 0, inter / union.clamp(min=1), 1.0).sum())
+                sums["precision"].append((inter / guess.sum(1).clamp(min=1)).sum())
+                sums["recall"].append((inter / truth.sum(1).clamp(min=1)).sum())
+            for key, values in sums.items():
+                self._add(key, torch.stack(values))
+            self._add("images", prob.shape[0])
         elif self.task == "normals":
             valid = target.abs().sum(1) > 0
-            cos = (F.normalize(pred, dim=1) * target).sum(1).clamp(-1.0, 1.0)
-            angle = torch.rad2deg(torch.acos(cos))[valid].double()
-            self.sum += angle.sum().item()
-            self.sum_sq += (angle**2).sum().item()
-            self.count += angle.numel()
-        elif self.task == "depth":
-            err = (pred - target).double()
-            self.sum_sq += (err**2).sum().item()
-            self.count += err.numel()
+            cos = (F.normalize(pred.float(), dim=1) * target).sum(1).clamp(-1.0, 1.0)
+            angle = torch.where(valid, torch.rad2deg(torch.acos(cos)), 0.0).double()
+            self._add("sum", angle.sum())
+            self._add("sum_sq", (angle**2).sum())
+            self._add("count", valid.sum())
         else:
-            raise ValueError(f"unknown dense task {self.task!r}")
+            err = (pred.float() - target).double()
+            self._add("sum_sq", (err**2).sum())
+            self._add("count", err.numel())
 
     def result(self) -> dict[str, float]:
+        s = {k: torch.as_tensor(v).cpu().double() for k, v in self.state.items()}
         if self.task in ("semseg", "parts"):
-            c = self.confusion.double()
+            c = s.get("confusion", torch.zeros(self.outputs, self.outputs, dtype=torch.float64))
             union = c.sum(0) + c.sum(1) - c.diag()
             present = union > 0
             return {"miou": float((c.diag()[present] / union[present]).mean()) if present.any() else 0.0}
         if self.task == "saliency":
-            n = max(self.images, 1)
-            p, r = self.precision / n, self.recall / n
+            if not s:
+                return {"miou": 0.0, "maxf": 0.0}
+            n = float(s["images"])
+            p, r = s["precision"] / n, s["recall"] / n
             f = (1 + BETA2) * p * r / (BETA2 * p + r).clamp(min=1e-12)
-            return {"miou": float((self.jaccard / n).max()), "maxf": float(f.max())}
+            return {"miou": float((s["jaccard"] / n).max()), "maxf": float(f.max())}
+        n = max(float(s.get("count", 0)), 1.0)
         if self.task == "normals":
-            n = max(self.count, 1)
-            return {"mean_angle": self.sum / n, "rmse_angle": math.sqrt(self.sum_sq / n)}
-        return {"rmse": math.sqrt(self.sum_sq / max(self.count, 1))}
+            return {"mean_angle": float(s.get("sum", 0)) / n, "rmse_angle": math.sqrt(float(s.get("sum_sq", 0)) / n)}
+        return {"rmse": math.sqrt(float(s.get("sum_sq", 0)) / n)}
 
 
 def quality(task: str, metrics: dict[str, float]) -> float:

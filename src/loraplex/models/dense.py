@@ -46,6 +46,12 @@ class SwinPyramid(nn.Module):
             for i, stage in enumerate(self.layers)
         ]
         self.num_features = self.feature_channels  # what the dense heads are built from
+        held = {name for name, _ in self.named_parameters()}
+        self._no_weight_decay = {name for name in swin.no_weight_decay() if name in held}
+
+    def no_weight_decay(self) -> set[str]:
+        """timm's exemptions (relative-position tables) among the parameters this pyramid keeps, same names."""
+        return set(self._no_weight_decay)
 
     def _merge(self, stage: int, x: torch.Tensor) -> torch.Tensor:
         return self.layers[stage + 1].downsample(x) if stage + 1 < len(self.layers) else x

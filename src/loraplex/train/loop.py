@@ -1,9 +1,13 @@
 """The one training loop every regime runs through.
 
-What a regime supplies (:class:`Regime`): the next batch of this rank, a loss, an evaluation, and its
-own resumable state.  What the loop owns: AdamW with linear warm-up and cosine decay, gradient
-clipping, validation-based model selection (last and best both reported), JSONL + TensorBoard logs, a
-progress bar, atomic checkpoints, resume, DDP, and a clear stop on a non-finite loss.
+What a regime supplies (:class:`Regime`): the next batch of this rank (on the run's device), a loss, an
+evaluation, and its own resumable state.  What the loop owns: AdamW with linear warm-up and cosine decay,
+gradient clipping, autocast and fp16 loss scaling, validation-based model selection (last and best both
+reported), JSONL + TensorBoard logs, a progress bar, atomic device-free checkpoints, resume, DDP,
+``torch.compile`` and a clear stop on a non-finite loss.
+
+A step reads the device from the host once: the loss, the regime's metrics and the gradient norm come
+back in one transfer, after the backward pass has been queued and before the optimiser steps.
 
 Resume is exact because nothing random is carried in hidden state: the regime's stream restores its
 cursor from the checkpoint, and the per-step RNG (dropout, augmentation) is re-seeded from
@@ -30,6 +34,7 @@ from ..config import TrainSection
 from ..core.model import AdaptedModel
 from ..core.state import adapter_state, count_parameters, load_tensors
 from .dist import Dist, any_rank, barrier, mean_over_ranks
+from .placement import Placement
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -49,7 +54,7 @@ class Regime(Protocol):
 
     def batch_images(self, batch: Any) -> int: ...
 
-    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
     def evaluate(self, model: AdaptedModel, split: str) -> dict[str, float]: ...
 
@@ -83,12 +88,24 @@ def warmup_cosine(cfg: TrainSection):
     return factor
 
 
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Parameters timm exempts from weight decay (position embeddings, class tokens, relative-position tables):
+    what ``no_weight_decay()`` names on every timm module inside ``model``, as full names."""
+    names = set()
+    for prefix, module in model.named_modules():
+        if hasattr(module, "no_weight_decay"):
+            names |= {f"{prefix}.{n}" if prefix else n for n in module.no_weight_decay()}
+    return names
+
+
 def make_optimizer(model: AdaptedModel, cfg: TrainSection) -> torch.optim.AdamW:
-    """AdamW; no weight decay on biases, norms and other 1-d tensors; heads may have their own rate."""
+    """AdamW; no weight decay on biases, norms and other 1-d tensors nor on what timm's ``no_weight_decay()``
+    names; heads may have their own rate."""
+    exempt = no_weight_decay_names(model)
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            groups.setdefault((name.startswith("heads."), p.ndim <= 1), []).append(p)
+            groups.setdefault((name.startswith("heads."), p.ndim <= 1 or name in exempt), []).append(p)
     param_groups = []
     for (is_head, no_decay), params in sorted(groups.items()):
         lr = cfg.head_lr if is_head and cfg.head_lr is not None else cfg.lr
@@ -96,6 +113,17 @@ def make_optimizer(model: AdaptedModel, cfg: TrainSection) -> torch.optim.AdamW:
     if not param_groups:
         raise ValueError("the model has no trainable parameters")
     return torch.optim.AdamW(param_groups)
+
+
+def _on_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor moved to the CPU: checkpoints are device-free."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_on_cpu(v) for v in obj)
+    return obj
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -145,23 +173,33 @@ def fit(
     tensorboard: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train ``model`` under ``regime`` for ``cfg.steps`` steps, resuming from ``run_dir`` if it holds a
-    checkpoint; returns (and on the main rank writes) ``results.json``."""
+    """Train ``model`` (already on ``dist.device``) under ``regime`` for ``cfg.steps`` steps, resuming from
+    ``run_dir`` if it holds a checkpoint; returns (and on the main rank writes) ``results.json``."""
     dist = dist or Dist()
+    placement = Placement(dist.device, cfg.precision)
     run_dir.mkdir(parents=True, exist_ok=True)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg))
+    scaler = placement.scaler()
     state = LoopState()
     checkpoint_path = run_dir / CHECKPOINT
     if checkpoint_path.exists():
         saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         model.load_state_dict(saved["model"], strict=False)
-        optimizer.load_state_dict(saved["optimizer"])
+        optimizer.load_state_dict(saved["optimizer"])  # moves the state to the parameters' device
         scheduler.load_state_dict(saved["scheduler"])
+        if saved.get("scaler"):  # empty when fp16 scaling is off
+            scaler.load_state_dict(saved["scaler"])
         regime.load_state_dict(saved["regime"])
         state = LoopState(**saved["loop"])
     log = MetricsLog(run_dir, state.step, tensorboard) if dist.is_main else None
-    trained = DistributedDataParallel(model, find_unused_parameters=True) if dist.active else model
+    if cfg.compile:
+        model.compile(**({} if cfg.compile is True else {"backend": cfg.compile}))
+    trained = (
+        DistributedDataParallel(model, device_ids=dist.device_ids, find_unused_parameters=True)
+        if dist.active
+        else model
+    )
     params = [p for p in model.parameters() if p.requires_grad]
 
     saved_step = state.step if checkpoint_path.exists() else None
@@ -173,8 +211,9 @@ def fit(
             _atomic_save(
                 {
                     "model": adapter_state(model),
-                    "optimizer": optimizer.state_dict(),
+                    "optimizer": _on_cpu(optimizer.state_dict()),
                     "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
                     "regime": regime.state_dict(),
                     "loop": state.__dict__,
                 },
@@ -185,7 +224,7 @@ def fit(
     def validate() -> None:
         if dist.is_main:
             model.eval()
-            with torch.inference_mode():
+            with torch.inference_mode(), placement.autocast():
                 state.last_val = regime.evaluate(model, "val")
             model.train()
             log.write(state.step, "val", state.last_val)
@@ -202,28 +241,34 @@ def fit(
         started = time.perf_counter()
         torch.manual_seed(step_seed(cfg.seed, step, dist.rank))  # augmentation and dropout replay on resume
         batch = regime.next_batch()
-        loss, metrics = regime.loss(trained, batch)
-        if any_rank(dist, not math.isfinite(loss.item())):
+        with placement.autocast():
+            loss, metrics = regime.loss(trained, batch)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.clip_grad is not None:
+            scaler.unscale_(optimizer)
+            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+        read = torch.stack([v.detach().float() for v in (loss, *metrics.values())]).tolist()  # the step's one sync
+        values = dict(zip(["loss", *metrics], read, strict=True))
+        if any_rank(dist, not math.isfinite(values["loss"])):  # before the update: the weights stay good
             bar.close()
             where = f"step {saved_step} in {checkpoint_path}" if saved_step is not None else "none written yet"
             raise TrainingDiverged(
-                f"the loss became {loss.item()} at step {step + 1}; training stopped. Last good checkpoint: {where}. "
-                "Lower train.lr, raise train.warmup_steps or set train.clip_grad."
+                f"the loss became {values['loss']} at step {step + 1}; training stopped. Last good checkpoint: "
+                f"{where}. Lower train.lr, raise train.warmup_steps or set train.clip_grad."
             )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.clip_grad is not None:
-            metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad))
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         state.step = step + 1
         state.train_seconds += time.perf_counter() - started
         images += regime.batch_images(batch) * dist.world
-        metrics = {"loss": mean_over_ranks(dist, loss.item()), **metrics, "lr": scheduler.get_last_lr()[0]}
+        values = dict(zip(values, mean_over_ranks(dist, list(values.values())), strict=True))
+        values["lr"] = scheduler.get_last_lr()[0]
         if dist.is_main:
-            log.write(state.step, "train", metrics)
+            log.write(state.step, "train", values)
             elapsed = time.perf_counter() - window_start
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", img_s=f"{images / max(elapsed, 1e-9):.0f}")
+            bar.set_postfix(loss=f"{values['loss']:.3f}", img_s=f"{images / max(elapsed, 1e-9):.0f}")
         bar.update(1)
         if state.step % cfg.eval_every == 0 or state.step == cfg.steps:
             validate()
@@ -231,17 +276,19 @@ def fit(
             checkpoint()
     bar.close()
     model.eval()
-    results = _final_results(model, regime, state, run_dir) if dist.is_main else {}
+    results = _final_results(model, regime, state, run_dir, placement) if dist.is_main else {}
     if log is not None:
         log.close()
     barrier(dist)
     return results
 
 
-def _final_results(model: AdaptedModel, regime: Regime, state: LoopState, run_dir: Path) -> dict[str, Any]:
+def _final_results(
+    model: AdaptedModel, regime: Regime, state: LoopState, run_dir: Path, placement: Placement
+) -> dict[str, Any]:
     """Test metrics of the last and of the best-on-validation weights; writes final/ and results.json."""
     model.save(run_dir / "final")
-    with torch.inference_mode():
+    with torch.inference_mode(), placement.autocast():
         last = {"val": state.last_val, "test": regime.evaluate(model, "test")}
         load_tensors(model, run_dir / "best")
         best = {"val": regime.evaluate(model, "val"), "test": regime.evaluate(model, "test")}

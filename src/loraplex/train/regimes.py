@@ -5,12 +5,18 @@ domain (task) with its own head; batches mix domains and run as one forward with
 The loss is the mean cross-entropy over the batch's samples (every sample weighs the same), so that
 the gradient of a batch sharded over ranks and averaged by DDP equals the gradient of the whole batch
 in one process.
+
+Batches are read (decoded, for on-demand sources) as uint8 by a :class:`~loraplex.data.BatchLoader` —
+in ``data.workers`` processes when asked — and cross to the run's device as uint8 (a quarter of the
+bytes of floats), where they become normalised model input and augmentation runs.  Losses, accuracies
+and evaluation counts stay on the device: the loop reads a step's numbers once, evaluation once per
+domain.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -18,9 +24,64 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..core.model import AdaptedModel
-from ..data import DomainData, MultiDomainStream, eval_batches, to_model_input, to_tensor_batch
+from ..data import DomainData, MultiDomainStream, to_model_input, to_tensor_batch
 from ..data.augment import Augment
+from ..data.loader import BatchLoader, eval_loader
 from ..eval.dense import DenseMeter, quality, task_loss
+from .placement import Placement
+
+
+class StreamRegime:
+    """What both regimes share: a resumable, rank-sharded stream read by a loader, and batches put on the
+    run's device."""
+
+    def __init__(
+        self,
+        splits: dict[str, list[DomainData]],
+        *,
+        batch_size: int,
+        eval_batch_size: int,
+        seed: int,
+        sampling: str = "proportional",
+        temperature: float = 2.0,
+        rank: int = 0,
+        world: int = 1,
+        placement: Placement | None = None,
+        workers: int = 0,
+    ) -> None:
+        if batch_size % world:
+            raise ValueError(f"train.batch_size={batch_size} must be divisible by the {world} processes")
+        self.splits, self.eval_batch_size, self.workers = splits, eval_batch_size, workers
+        self.placement = placement or Placement()
+        stream = MultiDomainStream(
+            splits["train"],
+            batch_size=batch_size,
+            sampling=sampling,
+            temperature=temperature,
+            seed=seed,
+            rank=rank,
+            world_size=world,
+        )
+        self.loader = BatchLoader(stream, workers=workers, pin_memory=self.placement.pin_memory)
+
+    def next_samples(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The next (uint8 samples, labels, domain ids) of this rank, on the run's device."""
+        return tuple(self.placement.put(t) for t in self.loader.next_batch())
+
+    def eval_samples(self, domain: DomainData) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """A split's (samples, labels) batches in order, on the run's device."""
+        for samples, labels in eval_loader(domain, self.eval_batch_size, self.workers, self.placement.pin_memory):
+            yield self.placement.put(samples), self.placement.put(labels)
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
+    def close(self) -> None:
+        """Stop the loader's worker processes (training is over, or failed)."""
+        self.loader.close()
 
 
 @dataclass
@@ -30,7 +91,7 @@ class MultiDomainBatch:
     domains: torch.Tensor
 
 
-class MultiDomainRegime:
+class MultiDomainRegime(StreamRegime):
     """Mixed batches from a :class:`MultiDomainStream`; per-domain accuracy on val/test."""
 
     selection_metric = "acc/mean"
@@ -40,76 +101,43 @@ class MultiDomainRegime:
         splits: dict[str, list[DomainData]],
         *,
         img_size: int,
-        batch_size: int,
-        eval_batch_size: int,
-        sampling: str,
-        temperature: float,
-        seed: int,
         augment: bool = False,
         frames: int | None = None,
         label_smoothing: float = 0.0,
-        rank: int = 0,
-        world: int = 1,
+        **stream,
     ) -> None:
-        if batch_size % world:
-            raise ValueError(f"train.batch_size={batch_size} must be divisible by the {world} processes")
-        self.splits = splits
+        super().__init__(splits, **stream)
         self.img_size = img_size
         self.frames = frames  # clips [B, T, ...] for a frame-wise backbone
         self.label_smoothing = label_smoothing
-        self.augment = None
-        if augment:
-            self.augment = Augment(size=img_size, channels=3)
-        self.eval_batch_size = eval_batch_size
-        self.stream = MultiDomainStream(
-            splits["train"],
-            batch_size=batch_size,
-            sampling=sampling,
-            temperature=temperature,
-            seed=seed,
-            rank=rank,
-            world_size=world,
-        )
+        self.augment = Augment(size=img_size, channels=3) if augment else None
 
     def next_batch(self) -> MultiDomainBatch:
-        images, labels, domains = self.stream.next_batch()
+        images, labels, domains = self.next_samples()
         x = self.augment(images) if self.augment else to_model_input(images, self.img_size, self.frames)
         return MultiDomainBatch(x, labels, domains)
 
     def batch_images(self, batch: MultiDomainBatch) -> int:
         return int(batch.labels.shape[0])
 
-    def loss(self, model: nn.Module, batch: MultiDomainBatch) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: nn.Module, batch: MultiDomainBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = model(batch.images, task=batch.domains)
-        total = sum(
-            F.cross_entropy(
-                out.logits[t], batch.labels[out.index[t]], reduction="sum", label_smoothing=self.label_smoothing
-            )
-            for t in out.logits
-        )
-        correct = sum(int((out.logits[t].argmax(1) == batch.labels[out.index[t]]).sum()) for t in out.logits)
-        n = batch.labels.shape[0]
-        return total / n, {"acc": correct / n}
+        loss = out.sample_losses(batch.labels, self.label_smoothing).mean()
+        return loss, {"acc": (out.predictions() == batch.labels).float().mean()}
 
     def evaluate(self, model: AdaptedModel, split: str) -> dict[str, float]:
         """Accuracy per domain (each domain through its own head) and their unweighted mean."""
         metrics = {}
         for domain in self.splits[split]:
-            correct = 0
+            correct = torch.zeros((), dtype=torch.long, device=self.placement.device)
             # homogeneous batches: fold the domain's deltas into W and run at backbone speed
             with model.merged(task=domain.name) if model.mergeable else contextlib.nullcontext():
-                for images, labels in eval_batches(domain, self.eval_batch_size):
+                for images, labels in self.eval_samples(domain):
                     logits = model(to_model_input(images, self.img_size, self.frames), task=domain.name)
-                    correct += int((logits.argmax(1) == labels).sum())
-            metrics[f"acc/{domain.name}"] = correct / len(domain.labels)
+                    correct += (logits.argmax(1) == labels).sum()
+            metrics[f"acc/{domain.name}"] = int(correct) / len(domain)
         metrics["acc/mean"] = sum(metrics.values()) / len(metrics)
         return metrics
-
-    def state_dict(self) -> dict:
-        return self.stream.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.stream.load_state_dict(state)
 
 
 @dataclass
@@ -118,7 +146,7 @@ class MultiTaskBatch:
     targets: torch.Tensor  # packed dense targets (see loraplex.data.scenes)
 
 
-class MultiTaskRegime:
+class MultiTaskRegime(StreamRegime):
     """Dense multi-task: every task's head on every image, one forward (``task="all"``), the weighted sum
     of the task losses; dense metrics accumulated over the split.  Selection uses the mean of each task's
     :func:`~loraplex.eval.dense.quality` on validation (Δm needs single-task runs, made separately)."""
@@ -133,40 +161,32 @@ class MultiTaskRegime:
         target_of: Callable[[torch.Tensor, str], torch.Tensor],
         weights: dict[str, float],
         img_size: int,
-        batch_size: int,
-        eval_batch_size: int,
-        seed: int,
-        rank: int = 0,
-        world: int = 1,
+        **stream,
     ) -> None:
-        if batch_size % world:
-            raise ValueError(f"train.batch_size={batch_size} must be divisible by the {world} processes")
         if len(splits["train"]) != 1:
             raise ValueError("the multitask regime trains on one dense dataset (data.domains: [scenes])")
-        self.splits, self.tasks, self.img_size, self.eval_batch_size = splits, tasks, img_size, eval_batch_size
+        super().__init__(splits, **stream)
+        self.tasks, self.img_size = tasks, img_size
         self.weights = {t: weights.get(t, 1.0) for t in tasks}
         self.target_of = target_of  # packed dense targets → one task's target (depends on the dataset)
-        self.stream = MultiDomainStream(
-            splits["train"], batch_size=batch_size, sampling="proportional", seed=seed, rank=rank, world_size=world
-        )
 
     def next_batch(self) -> MultiTaskBatch:
-        images, targets, _ = self.stream.next_batch()
+        images, targets, _ = self.next_samples()
         return MultiTaskBatch(to_tensor_batch(images, self.img_size), targets)
 
     def batch_images(self, batch: MultiTaskBatch) -> int:
         return int(batch.images.shape[0])
 
-    def loss(self, model: nn.Module, batch: MultiTaskBatch) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: nn.Module, batch: MultiTaskBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = model(batch.images, task="all")
-        losses = {t: task_loss(t, out[t], self.target_of(batch.targets, t)) for t in self.tasks}
+        losses = {t: task_loss(t, out[t].float(), self.target_of(batch.targets, t)) for t in self.tasks}
         total = sum(self.weights[t] * losses[t] for t in self.tasks)
-        return total, {f"loss/{t}": float(v.detach()) for t, v in losses.items()}
+        return total, {f"loss/{t}": v for t, v in losses.items()}
 
     def evaluate(self, model: AdaptedModel, split: str) -> dict[str, float]:
         (domain,) = self.splits[split]
         meters = {t: DenseMeter(t, model.head_outputs[t]) for t in self.tasks}
-        for images, targets in eval_batches(domain, self.eval_batch_size):
+        for images, targets in self.eval_samples(domain):
             out = model(to_tensor_batch(images, self.img_size), task="all")
             for t, meter in meters.items():
                 meter.update(out[t], self.target_of(targets, t))
@@ -186,10 +206,10 @@ class MultiTaskRegime:
         (domain,) = self.splits["test"]
         rows = torch.arange(min(count, len(domain)))
         images, packed = domain.take(rows), domain.take_labels(rows)
-        out = model(to_tensor_batch(images, self.img_size), task="all")
+        out = model(to_tensor_batch(self.placement.put(images), self.img_size), task="all")
         columns = []
         for t in self.tasks:
-            truth, pred = self.target_of(packed, t), out[t]
+            truth, pred = self.target_of(packed, t), out[t].float().cpu()
             if t in ("semseg", "parts"):
                 pair, kind = (truth.clamp(max=20), pred.argmax(1)), "labels"  # ignore (255) drawn as the last colour
             elif t == "saliency":
@@ -202,9 +222,3 @@ class MultiTaskRegime:
                 array = maps.permute(0, 2, 3, 1) if kind == "rgb" else maps
                 columns.append((f"{t} {label}", array.float().numpy(), kind))
         return dense_maps(images.numpy(), columns)
-
-    def state_dict(self) -> dict:
-        return self.stream.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.stream.load_state_dict(state)

@@ -11,7 +11,7 @@ import yaml
 from timm.models.swin_transformer import SwinTransformer
 
 from .. import api
-from ..config import ConfigError, RunConfig, dump_config, from_dict
+from ..config import EXECUTION_KEYS, ConfigError, RunConfig, dump_config, from_dict
 from ..core.model import AdaptedModel
 from ..data import DomainData, SourceMissingError
 from ..data.dense import TASK_OUTPUTS
@@ -22,6 +22,7 @@ from ..models import FrameWise, create_backbone, write_zoo_entry, zoo_entries
 from ..models.dense import SwinPyramid, TimmPyramid
 from .dist import Dist, init_from_env, shutdown
 from .loop import fit
+from .placement import Placement, hold_frozen, resolve_device
 from .regimes import MultiDomainRegime, MultiTaskRegime
 
 CONFIG_FILE = "config.yaml"
@@ -39,7 +40,8 @@ def build_backbone(config: RunConfig, *, load_weights: bool = True) -> torch.nn.
 
 
 def build_model(config: RunConfig, *, load_weights: bool = True) -> AdaptedModel:
-    """Backbone + method + one head per domain, as the config says (no data needed)."""
+    """Backbone + method + one head per domain, as the config says (no data needed), on the CPU in fp32:
+    the backbone's fingerprint is taken there, before :func:`place` moves and casts it."""
     method = make_config(config.method_name, **config.method_kwargs())
     backbone = build_backbone(config, load_weights=load_weights)
     if config.train.regime == "multitask":
@@ -47,6 +49,11 @@ def build_model(config: RunConfig, *, load_weights: bool = True) -> AdaptedModel
         return api.wrap(backbone, method, heads=heads, head={"kind": "dense", "out_size": config.backbone.img_size})
     heads = {d: domain_classes(d) for d in config.data.domains}
     return api.wrap(backbone, method, heads=heads)
+
+
+def place(model: AdaptedModel, config: RunConfig, device: torch.device) -> AdaptedModel:
+    """The model on ``device`` with its frozen matmul weights in ``backbone.dtype``."""
+    return hold_frozen(model.to(device), config.backbone.dtype)
 
 
 def domain_splits(config: RunConfig) -> dict[str, list[DomainData]]:
@@ -81,6 +88,19 @@ def domain_splits(config: RunConfig) -> dict[str, list[DomainData]]:
     return splits
 
 
+def _stream_settings(config: RunConfig, dist: Dist) -> dict[str, Any]:
+    """What every regime's stream takes from the config and the process."""
+    return {
+        "batch_size": config.train.batch_size,
+        "eval_batch_size": config.train.eval_batch_size,
+        "seed": config.data.seed + config.train.seed,
+        "rank": dist.rank,
+        "world": dist.world,
+        "placement": Placement(dist.device, config.train.precision),
+        "workers": config.data.workers,
+    }
+
+
 def build_regime(config: RunConfig, dist: Dist) -> MultiDomainRegime | MultiTaskRegime:
     if config.train.regime == "multitask":
         if len(config.data.domains) != 1 or config.data.domains[0] not in DENSE_DOMAINS:
@@ -101,25 +121,17 @@ def build_regime(config: RunConfig, dist: Dist) -> MultiDomainRegime | MultiTask
             target_of=target_of,
             weights=config.train.task_weights,
             img_size=config.backbone.img_size,
-            batch_size=config.train.batch_size,
-            eval_batch_size=config.train.eval_batch_size,
-            seed=config.data.seed + config.train.seed,
-            rank=dist.rank,
-            world=dist.world,
+            **_stream_settings(config, dist),
         )
     return MultiDomainRegime(
         domain_splits(config),
         img_size=config.backbone.img_size,
-        batch_size=config.train.batch_size,
-        eval_batch_size=config.train.eval_batch_size,
         sampling=config.data.sampling,
         temperature=config.data.temperature,
-        seed=config.data.seed + config.train.seed,
         augment=config.data.augment,
         frames=config.data.frames,
         label_smoothing=config.train.label_smoothing,
-        rank=dist.rank,
-        world=dist.world,
+        **_stream_settings(config, dist),
     )
 
 
@@ -150,25 +162,41 @@ def _normalised(raw: Any) -> Any:
 
 
 def _recipe(raw: dict) -> dict:
-    """A config without its execution-only keys: a run may resume with another thread count."""
-    return {**raw, "train": {k: v for k, v in raw["train"].items() if k != "threads"}}
+    """A config without its execution-only keys (:data:`~loraplex.config.EXECUTION_KEYS`): a run may resume
+    with another thread count, on another device, compiled or not, with more or fewer data workers."""
+    return {
+        **raw,
+        **{
+            section: {k: v for k, v in raw[section].items() if k not in keys}
+            for section, keys in EXECUTION_KEYS.items()
+        },
+    }
 
 
 def train(config: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) the training a config describes; returns the results dict."""
-    dist = init_from_env()
+    dist = init_from_env(config.train.device)
     try:
         if config.train.threads:
             torch.set_num_threads(config.train.threads)
         torch.manual_seed(config.train.seed)  # adapter and head initialisation
-        model = build_model(config)
+        model = place(build_model(config), config, dist.device)
         regime = build_regime(config, dist)
         run_dir = prepare_run_dir(config, dist)
-        results = fit(
-            model, regime, config.train, run_dir, dist=dist, tensorboard=config.output.tensorboard, progress=progress
-        )
+        try:
+            results = fit(
+                model,
+                regime,
+                config.train,
+                run_dir,
+                dist=dist,
+                tensorboard=config.output.tensorboard,
+                progress=progress,
+            )
+        finally:
+            regime.close()
         if results and isinstance(regime, MultiTaskRegime):  # rank 0: what the best model predicts, for the report
-            _, best = load_run(run_dir, "best")
+            _, best = load_run(run_dir, "best", dist.device)
             (run_dir / PREDICTIONS).write_bytes(regime.prediction_figure(best))
         return results
     finally:
@@ -214,15 +242,23 @@ def read_run_config(run_dir: str | Path) -> RunConfig:
     return from_dict(yaml.safe_load(path.read_text()))
 
 
-def load_run(run_dir: str | Path, which: str = "best") -> tuple[RunConfig, AdaptedModel]:
-    """The model of a finished run with its ``best`` or ``final`` adapters (fingerprint-checked)."""
+def load_run(
+    run_dir: str | Path, which: str = "best", device: str | torch.device = "auto"
+) -> tuple[RunConfig, AdaptedModel]:
+    """The model of a finished run with its ``best`` or ``final`` adapters (fingerprint-checked), on ``device``
+    (``auto``: CUDA when present) with the frozen weights in the run's ``backbone.dtype``."""
     config = read_run_config(run_dir)
     torch.manual_seed(config.train.seed)  # a random-init backbone is rebuilt bit-identical
-    return config, api.load(Path(run_dir) / which, build_backbone(config)).eval()
+    model = api.load(Path(run_dir) / which, build_backbone(config))
+    target = resolve_device(device) if isinstance(device, str) else device
+    return config, place(model, config, target).eval()
 
 
-def evaluate_run(run_dir: str | Path, which: str = "best", split_name: str = "test") -> dict[str, float]:
-    config, model = load_run(run_dir, which)
-    regime = build_regime(config, Dist())
-    with torch.inference_mode():
+def evaluate_run(
+    run_dir: str | Path, which: str = "best", split_name: str = "test", device: str = "auto"
+) -> dict[str, float]:
+    """A run's metrics on ``split_name``, on ``device`` and in the run's precision."""
+    config, model = load_run(run_dir, which, device)
+    regime = build_regime(config, Dist(device=model.device))
+    with torch.inference_mode(), regime.placement.autocast():
         return regime.evaluate(model, split_name)
