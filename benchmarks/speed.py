@@ -1,15 +1,21 @@
-"""Interleaved speed benchmark: loraplex vs PEFT LoRA on a small timm ViT-S (CPU).
+"""Interleaved speed benchmark: loraplex vs PEFT LoRA on a small timm ViT-S (CPU), eager and compiled.
 
 Every configuration is timed in the same process, round-robin: each of ``--rounds`` rounds visits
 every configuration once (in a seeded random order, so no configuration always follows the same
-neighbour) and times ``--iters`` batches.  Ratios are taken per round — inference rows against the
-plain frozen backbone, training rows against one shared LoRA — so machine noise hits every row alike.
+neighbour) and times ``--iters`` batches.  Two summaries per row: the median of per-round ratios —
+inference rows against the plain frozen backbone, training rows against one shared LoRA — and the
+ratio of the row's fastest round to the reference's fastest round (the minimum over rounds is what
+an outside load cannot raise, so it is the steadier figure on a shared machine; the targets use it).
+
+Compiled rows (``…_compiled``) run ``torch.compile`` (inductor, CPU) on their own model instances
+with the same weights; their reference is the compiled backbone (inference) or the compiled one-LoRA
+training step, so the overhead of the adapters is read within each mode.
 
 Before timing, the script checks that the configurations compute what they claim: PEFT's adapters
-hold copies of loraplex's (random, non-zero) factors, so PEFT's mixed batch, each loraplex strategy
-and the merged model must all agree with a per-sample reference.
+hold copies of loraplex's (random, non-zero) factors, so PEFT's mixed batch, each loraplex strategy,
+the compiled models and the merged model must all agree with a per-sample reference.
 
-    python benchmarks/speed.py                  # full run (about 20 minutes on 2 idle cores)
+    python benchmarks/speed.py                  # full run (about 35 minutes on 2 idle cores)
     python benchmarks/speed.py --quick          # smoke run: depth-2 ViT, 2 rounds, 1 iteration
 """
 
@@ -43,6 +49,7 @@ SIZES = (8, 32)
 NUM_CLASSES = 10
 TRAIN_RATIO_LIMIT = 1.15
 MERGED_NOISE_FLOOR = 0.02  # |ratio - 1| below this always counts as "within noise"
+COMPILED = "_compiled"  # rows run through torch.compile (inductor); their references are compiled too
 
 Kind = Literal["inference", "training"]
 
@@ -54,7 +61,7 @@ class Settings:
     depth: int = 12
     batch: int = 64
     threads: int = 2
-    rounds: int = 7
+    rounds: int = 15
     iters: int = 5
     train_iters: int = 2
     warmup: int = 2
@@ -81,19 +88,27 @@ class Row:
     reference: str
     ms: list[float]
     ratios: list[float]
+    reference_ms: list[float]
     ms_mean: float = field(init=False)
     ms_std: float = field(init=False)
+    ms_min: float = field(init=False)
     ratio_mean: float = field(init=False)
     ratio_std: float = field(init=False)
     ratio_median: float = field(init=False)
     overhead: float = field(init=False)
+    ratio_min: float = field(init=False)
+    overhead_min: float = field(init=False)
 
     def __post_init__(self) -> None:
         self.ms_mean, self.ms_std = _mean_std(self.ms)
+        self.ms_min = min(self.ms)
         self.ratio_mean, self.ratio_std = _mean_std(self.ratios)
         # the median of the per-round ratios: one round hit by an outside load cannot move it
         self.ratio_median = statistics.median(self.ratios)
         self.overhead = self.ratio_median - 1.0
+        # fastest round against the reference's fastest round: what an outside load cannot raise
+        self.ratio_min = self.ms_min / min(self.reference_ms)
+        self.overhead_min = self.ratio_min - 1.0
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -156,11 +171,13 @@ def verify(
     peft_models: dict[int, peft.PeftModel],
     peft_one: peft.PeftModel,
     ids: dict[int, torch.Tensor],
+    compiled: dict[int, lp.AdaptedModel],
 ) -> dict[str, float]:
     """Max abs difference of every timed path from a per-sample reference; raises if any is off.
 
-    The reference runs each sample alone through loraplex's homogeneous path.  PEFT's mixed output
-    must also differ from its single-adapter output, which proves the mixed path actually ran."""
+    The reference runs each sample alone through loraplex's homogeneous path (compiled models are held
+    to the eager mixed batch, itself checked against that reference).  PEFT's mixed output must also
+    differ from its single-adapter output, which proves the mixed path actually ran."""
     errors: dict[str, float] = {}
     sample = slice(0, min(16, x.shape[0]))
     xs = x[sample]
@@ -177,6 +194,10 @@ def verify(
             model.mixed_strategy = strategy
             out = model.forward_features(xs, task=sample_ids)
             errors[f"lp_mixed_{n}_{strategy}"] = (out - reference).abs().max().item()
+    for n, model in compiled.items():  # the whole batch, as timed (a smaller one would compile another graph)
+        lp_models[n].mixed_strategy = "bmm"
+        eager = lp_models[n].forward_features(x, task=ids[n])
+        errors[f"lp_mixed_{n}_bmm_compiled"] = (model.forward_features(x, task=ids[n]) - eager).abs().max().item()
     model = lp_models[SIZES[0]]
     homog = model.forward_features(xs, task="t0")
     errors["peft_one"] = (peft_one(xs) - homog).abs().max().item()
@@ -202,10 +223,16 @@ def build_cases(settings: Settings) -> tuple[list[Case], dict[str, float]]:
     lp_infer = {n: make_loraplex("lora_per_task", n, settings).eval() for n in SIZES}
     peft_mixed = {n: make_peft(lp_infer[n], n, settings) for n in SIZES}
     peft_one = make_peft(lp_infer[SIZES[0]], 1, settings)
-    errors = verify(x, lp_infer, peft_mixed, peft_one, ids)
+    compiled_backbone = make_backbone(settings).eval()
+    compiled_backbone.compile()
+    lp_compiled = {n: make_loraplex("lora_per_task", n, settings).eval() for n in SIZES}
+    for model in lp_compiled.values():
+        model.compile()
+    errors = verify(x, lp_infer, peft_mixed, peft_one, ids, lp_compiled)
 
     cases = [
         Case("backbone", "inference", lambda: backbone(x)),
+        Case("backbone_compiled", "inference", lambda: compiled_backbone(x)),
         Case("peft_one", "inference", lambda: peft_one(x)),
     ]
     for n in SIZES:
@@ -215,16 +242,26 @@ def build_cases(settings: Settings) -> tuple[list[Case], dict[str, float]]:
     for n in SIZES:
         for s in STRATEGIES:
             cases.append(Case(f"lp_mixed_{n}_{s}", "inference", _lp_mixed_step(lp_infer[n], x, ids[n], s)))
+    for n in SIZES:
+        cases.append(Case(f"lp_mixed_{n}_bmm_compiled", "inference", _lp_mixed_step(lp_compiled[n], x, ids[n], "bmm")))
     cases.append(
         Case("lp_merged", "inference", lambda: homog.forward_features(x, task="t0"), lambda: homog.merged(task="t0"))
     )
 
-    one_lora = make_loraplex("lora", SIZES[0], settings).train()
-    cases.append(Case("train_one_lora", "training", _train_one_step(one_lora, x, y)))
+    for suffix in ("", COMPILED):
+        one_lora = make_loraplex("lora", SIZES[0], settings).train()
+        if suffix:
+            one_lora.compile()
+        cases.append(Case(f"train_one_lora{suffix}", "training", _train_one_step(one_lora, x, y)))
     for n in SIZES:
         model = make_loraplex("lora_per_task", n, settings).train()
         for s in STRATEGIES:
             cases.append(Case(f"train_mixed_{n}_{s}", "training", _train_mixed_step(model, x, y, ids[n], s)))
+        compiled = make_loraplex("lora_per_task", n, settings).train()
+        compiled.compile()
+        cases.append(
+            Case(f"train_mixed_{n}_bmm{COMPILED}", "training", _train_mixed_step(compiled, x, y, ids[n], "bmm"))
+        )
     return cases, errors
 
 
@@ -280,19 +317,22 @@ def measure(cases: list[Case], settings: Settings) -> dict[str, list[float]]:
 
 
 def summarise(cases: list[Case], times: dict[str, list[float]]) -> list[Row]:
-    """Per-round ratios against the backbone (inference) or the one-LoRA training step (training)."""
+    """Ratios against the backbone (inference) or the one-LoRA training step (training), compiled rows
+    against the compiled reference."""
     references = {"inference": "backbone", "training": "train_one_lora"}
     rows = []
     for case in cases:
-        ref = references[case.kind]
+        ref = references[case.kind] + (COMPILED if case.name.endswith(COMPILED) else "")
         ratios = [t / r for t, r in zip(times[case.name], times[ref], strict=True)]
-        rows.append(Row(case.name, case.kind, ref, [1e3 * t for t in times[case.name]], ratios))
+        ms = [1e3 * t for t in times[case.name]]
+        rows.append(Row(case.name, case.kind, ref, ms, ratios, [1e3 * t for t in times[ref]]))
     return rows
 
 
 # ---- report -------------------------------------------------------------------------------------
 def target_checks(rows: list[Row]) -> list[dict]:
-    """The targets: mixed overhead ≤ ½ PEFT's, merged ≈ backbone, mixed training ≤ 1.15 × one LoRA."""
+    """The targets, on fastest-round figures: mixed overhead ≤ ½ PEFT's (and what fraction of PEFT's it is),
+    merged ≈ backbone, mixed training ≤ 1.15 × one LoRA."""
     by = {r.name: r for r in rows}
     checks = []
 
@@ -300,52 +340,37 @@ def target_checks(rows: list[Row]) -> list[dict]:
         checks.append({"target": target, "value": value, "limit": limit, "passed": bool(passed)})
 
     for n in SIZES:
-        limit = 0.5 * by[f"peft_mixed_{n}"].overhead
-        mixed = {s: by[f"lp_mixed_{n}_{s}"].overhead for s in STRATEGIES}
-        best = min(mixed, key=mixed.__getitem__)
-        target = f"lp_mixed_{n} overhead (best: {best}) ≤ ½ peft_mixed_{n} overhead"
-        add(target, mixed[best], limit, mixed[best] <= limit)
+        peft_overhead = by[f"peft_mixed_{n}"].overhead_min
         for s in STRATEGIES:
-            add(f"lp_mixed_{n}_{s} overhead ≤ ½ peft_mixed_{n} overhead", mixed[s], limit, mixed[s] <= limit)
+            overhead = by[f"lp_mixed_{n}_{s}"].overhead_min
+            add(f"lp_mixed_{n}_{s} overhead ≤ ½ peft_mixed_{n} overhead", overhead, 0.5 * peft_overhead,
+                overhead <= 0.5 * peft_overhead)  # fmt: skip
+        fraction = by[f"lp_mixed_{n}_bmm"].overhead_min / peft_overhead
+        add(f"lp_mixed_{n}_bmm overhead / peft_mixed_{n} overhead", fraction, 0.5, fraction <= 0.5)
     merged = by["lp_merged"]
     noise = max(2 * merged.ratio_std, MERGED_NOISE_FLOOR)
-    add(
-        "|lp_merged ratio − 1| ≤ max(2σ, 2%) (within noise of backbone)",
-        abs(merged.overhead),
-        noise,
-        abs(merged.overhead) <= noise,
-    )
+    add("|lp_merged ratio − 1| ≤ max(2σ, 2%) (within noise of backbone)", abs(merged.overhead_min), noise,
+        abs(merged.overhead_min) <= noise)  # fmt: skip
     for n in SIZES:
-        ratios = {s: by[f"train_mixed_{n}_{s}"].ratio_median for s in STRATEGIES}
-        best = min(ratios, key=ratios.__getitem__)
-        add(
-            f"train_mixed_{n} (best: {best}) ≤ {TRAIN_RATIO_LIMIT} × train_one_lora",
-            ratios[best],
-            TRAIN_RATIO_LIMIT,
-            ratios[best] <= TRAIN_RATIO_LIMIT,
-        )
         for s in STRATEGIES:
-            add(
-                f"train_mixed_{n}_{s} ≤ {TRAIN_RATIO_LIMIT} × train_one_lora",
-                ratios[s],
-                TRAIN_RATIO_LIMIT,
-                ratios[s] <= TRAIN_RATIO_LIMIT,
-            )
+            ratio = by[f"train_mixed_{n}_{s}"].ratio_min
+            add(f"train_mixed_{n}_{s} ≤ {TRAIN_RATIO_LIMIT} × train_one_lora", ratio, TRAIN_RATIO_LIMIT,
+                ratio <= TRAIN_RATIO_LIMIT)  # fmt: skip
     return checks
 
 
 def markdown(rows: list[Row], checks: list[dict]) -> str:
     """The results table and the target checks as Markdown."""
     lines = [
-        "| row | ms/batch (mean ± std) | ratio (mean ± std) | ratio (median) | overhead (median) | vs |",
+        "| row | ms/batch mean ± std | ms/batch min | ratio median (per round) | ratio of minima | vs |",
         "|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.name} | {r.ms_mean:.1f} ± {r.ms_std:.1f} | {r.ratio_mean:.3f} ± {r.ratio_std:.3f} "
-            f"| {r.ratio_median:.3f} | {100 * r.overhead:+.1f}% | {r.reference} |"
+            f"| {r.name} | {r.ms_mean:.1f} ± {r.ms_std:.1f} | {r.ms_min:.1f} | {r.ratio_median:.3f} "
+            f"| {r.ratio_min:.3f} | {r.reference} |"
         )
-    lines += ["", "| target | value | limit | pass |", "|---|---:|---:|:---:|"]
+    lines += ["", "| target (fastest rounds) | value | limit | pass |", "|---|---:|---:|:---:|"]
     for c in checks:
         lines.append(f"| {c['target']} | {c['value']:.3f} | {c['limit']:.3f} | {'yes' if c['passed'] else 'NO'} |")
     return "\n".join(lines)

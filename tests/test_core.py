@@ -284,3 +284,19 @@ def test_a_cnn_backbone_with_zero_dim_buffers_wraps_saves_and_loads(tmp_path):
     loaded = lp.load(tmp_path / "cnn", cnn()).eval()
     x = images(2, 32)
     assert torch.equal(loaded(x, task="digits"), model(x, task="digits"))
+
+
+def test_built_factors_are_cached_in_evaluation_and_rebuilt_when_a_source_changes():
+    model = build("shared_specific", rank=2, constraint="subspace", form="projection", target_modules=["qkv"])
+    group = model.adapted_layers()["blocks.0.attn.qkv"].groups["domain"]
+    with torch.no_grad():
+        first = group.factors()
+        assert group.factors()[1] is first[1]  # nothing changed: the built factors are reused
+        group.B.add_(1.0)  # as an optimiser step does
+        rebuilt = group.factors()
+        assert rebuilt[1] is not first[1]
+        torch.testing.assert_close(rebuilt[1], group._build()[1])
+        group.output_space.set_basis(torch.linalg.qr(torch.randn(144, 40))[0])
+        torch.testing.assert_close(group.factors()[1], group._build()[1])
+    with torch.enable_grad():
+        assert group.factors()[1].grad_fn is not None  # training never sees a cached (detached) tensor

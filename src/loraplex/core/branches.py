@@ -75,6 +75,7 @@ class LoRAGroup(nn.Module):
         scales = [float(scale)] * n if isinstance(scale, int | float) else [float(s) for s in scale]
         self.register_buffer("scale", torch.tensor(scales))
         self._bank = [bank] if bank is not None else []  # referenced, not owned: the model owns banks
+        self._cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
         if bank is not None:
             self.rank = bank.rank * bank.size
             self.Q = nn.Parameter(torch.zeros(n, bank.size, bank.rank, bank.rank))
@@ -104,7 +105,29 @@ class LoRAGroup(nn.Module):
         return self._bank[0] if self._bank else None
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Effective stacked factors ``(A [n, R, in], B [n, out, R])`` after bank and constraints."""
+        """Effective stacked factors ``(A [n, R, in], B [n, out, R])`` after bank and constraints.
+
+        Built factors (bank products, subspace projections) are cached while gradients are off: evaluation
+        rebuilds them only when a tensor they come from has changed (its storage or its version)."""
+        sources = self._sources()
+        if not sources or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self._build()
+        # a source changes by an in-place write (its version) or by getting other storage (``.data =``, ``.to``)
+        key = tuple((t.untyped_storage()._cdata, t._version, t.dtype, t.device) for t in sources)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self._build())
+        return self._cache[1]
+
+    def _sources(self) -> list[torch.Tensor]:
+        """What built factors are made from; empty for plain pairs, which need no building."""
+        bank = self.bank
+        spaces = [s.basis for s in (self.input_space, self.output_space) if s is not None]
+        if bank is None and not spaces:
+            return []
+        factors = [self.Q, bank.A, bank.B] if bank is not None else [self.A, self.B]
+        return factors + spaces
+
+    def _build(self) -> tuple[torch.Tensor, torch.Tensor]:
         bank = self.bank
         if bank is not None:
             p, r = bank.size, bank.rank
