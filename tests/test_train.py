@@ -44,6 +44,10 @@ def test_config_errors_name_the_key(tmp_path):
         ({"method": {"name": "lora", "rank": "eight"}}, r"method.rank must be int, got 'eight'"),
         ({"method": {"name": "lora", "rank": 0}}, r"method: config key 'rank' must be ≥ 1"),
         ({"extra": {}}, r"unknown section\(s\) \['extra'\]"),
+        ({"train": {"device": "gpu"}}, r"train.device must be auto, cpu, cuda or cuda:<index>, got 'gpu'"),
+        ({"train": {"precision": "fp8"}}, r"train.precision must be one of \['fp32', 'bf16', 'fp16'\]"),
+        ({"backbone": {"dtype": "bf16"}}, r"backbone.dtype=bf16 .* run it under train.precision=bf16 \(got fp32\)"),
+        ({"data": {"workers": -1}}, r"data.workers must be ≥ 0"),
     ]
     for change, message in cases:
         raw = json.loads(json.dumps(base))
@@ -137,6 +141,16 @@ def test_a_killed_run_resumes_to_the_same_adapters(tmp_path, precision):
         [sys.executable, "-m", "loraplex", "eval", str(run), "--json"], capture_output=True, text=True, timeout=300
     )
     assert json.loads(evaluated.stdout) == pytest.approx(results["best"]["test"])
+
+
+def test_fp16_training_scales_the_loss_and_checkpoints_the_scaler(tmp_path):
+    steps = {"steps": 4, "warmup_steps": 1, "eval_every": 2, "checkpoint_every": 2, "precision": "fp16"}
+    config = load_config(tiny_config(tmp_path, train=steps, backbone={"dtype": "fp16"}))
+    results = train(config, progress=False)
+    saved = torch.load(Path(config.output.dir) / "checkpoint.pt", weights_only=True)
+    assert saved["scaler"]["scale"] > 0  # the loss scale travels with the run
+    assert all(math.isfinite(v) for v in results["best"]["test"].values())
+    assert {t.dtype for t in adapters(Path(config.output.dir)).values()} == {torch.float32}  # trained in fp32
 
 
 def test_compiled_training_equals_eager_training(tmp_path):

@@ -30,7 +30,7 @@ def engine_checks(run_dir: Path, splits: dict, img_size: int) -> list[str]:
 
     config, model = load_run(run_dir, "best")
     domain = splits["test"][1]
-    x = to_tensor_batch(domain.images[:64], img_size)
+    x = to_tensor_batch(domain.take(torch.arange(min(64, len(domain)))), img_size).to(model.device)
     lines = []
     with torch.inference_mode():
         logits = model(x, task=domain.name)
@@ -49,7 +49,7 @@ def engine_checks(run_dir: Path, splits: dict, img_size: int) -> list[str]:
         from loraplex.models import create_backbone
 
         torch.manual_seed(config.train.seed)
-        peft_model = peft.PeftModel.from_pretrained(create_backbone(config.backbone), out).eval()
+        peft_model = peft.PeftModel.from_pretrained(create_backbone(config.backbone), out).eval().to(model.device)
         diff = (peft_model(x) - model.forward_features(x, task=domain.name)).abs().max()
         lines.append(f"PEFT export of {domain.name} loaded by peft.PeftModel: features max |diff| {diff:.1e}")
     return lines

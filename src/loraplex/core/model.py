@@ -43,10 +43,6 @@ class MixedOutput:
     task_ids: torch.Tensor
 
     @property
-    def tasks(self) -> list[str]:
-        return list(self.outputs)
-
-    @property
     def index(self) -> dict[str, torch.Tensor]:
         """Positions of each present task's samples in the batch (ascending)."""
         found = {name: torch.nonzero(self.task_ids == t).flatten() for t, name in enumerate(self.outputs)}

@@ -68,14 +68,6 @@ class Route:
             return cls(task=tasks[0], index=ids[:1], strategy=strategy, **kw)
         return cls(task_ids=ids, segments=segments, strategy=strategy, **kw)
 
-    @property
-    def batch_size(self) -> int | None:
-        if self.task_ids is not None:
-            return int(self.task_ids.shape[0])
-        if self.weights is not None:
-            return int(self.weights.shape[0])
-        return None
-
 
 class RouteContext:
     """The one mutable slot through which a model hands its current :class:`Route` to its layers.

@@ -69,8 +69,10 @@ class StreamRegime:
         return tuple(self.placement.put(t) for t in self.loader.next_batch())
 
     def eval_samples(self, domain: DomainData) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """A split's (samples, labels) batches in order, on the run's device."""
-        for samples, labels in eval_loader(domain, self.eval_batch_size, self.workers, self.placement.pin_memory):
+        """A split's (samples, labels) batches in order, on the run's device; read by workers only where there
+        is decoding to do (starting them for an in-memory split would cost more than it saves)."""
+        workers = self.workers if domain.on_demand else 0
+        for samples, labels in eval_loader(domain, self.eval_batch_size, workers, self.placement.pin_memory):
             yield self.placement.put(samples), self.placement.put(labels)
 
     def state_dict(self) -> dict:
