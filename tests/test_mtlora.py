@@ -246,6 +246,36 @@ def test_dense_metrics_on_known_predictions():
     assert task_loss("saliency", logits, torch.tensor([[[1.0, 0.0, 0.0, 0.0]]])) == pytest.approx(float(expected))
 
 
+def test_normals_loss_averages_over_valid_elements_as_mtloras_code_does():
+    target = torch.zeros(1, 3, 1, 3)
+    target[0, :, 0, 0] = torch.tensor([0.0, 0.0, 1.0])  # one valid pixel, two invalid (zero vector)
+    target[0, :, 0, 1] = torch.tensor([1.0, 0.0, 0.0])
+    pred = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1).expand(1, 3, 1, 3)  # right at pixel 1, wrong at pixel 0
+    # |(1,0,0) − (0,0,1)| summed = 2 over pixel 0, 0 over pixel 1: mean over the 6 valid elements is 2/6
+    assert task_loss("normals", pred, target) == pytest.approx(2 / 6)
+
+
+def test_task_loras_reading_the_shared_input_share_the_shared_loras_dropout_mask():
+    """At ``attn.proj`` (no per-task input) the official code drops the input once and feeds both LoRAs."""
+    model = dense_model().train()
+    layer = model.adapted_layers()["layers.0.blocks.1.attn.proj"]
+    mask = (torch.arange(24) % 3 != 0).float() * 1.5
+
+    class FixedMask(torch.nn.Module):
+        def forward(self, x):
+            return x * mask
+
+    layer.groups["shared"].dropout = FixedMask()
+    x = torch.randn(4, 16, 24)
+    with torch.no_grad():
+        y_shared, y_tasks = layer.forward_streams(x)
+        pre = layer.base(x)
+        torch.testing.assert_close(y_shared, pre + (x * mask) @ layer.groups["shared"].delta_weight(0).T)
+        for t in range(len(DENSE)):
+            expected = pre + (x * mask) @ layer.groups["task"].delta_weight(t).T
+            torch.testing.assert_close(y_tasks[t], expected, atol=1e-5, rtol=1e-5)
+
+
 def test_a_dense_multitask_run_trains_from_the_cli(tmp_path, capsys):
     config = tiny_config(
         tmp_path,

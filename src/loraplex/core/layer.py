@@ -80,8 +80,9 @@ class AdaptedLinear(nn.Module):
         """Every task at once (MTLoRA): the frozen matmul runs once on the shared input.
 
         Returns ``(y_shared, y_tasks)`` with ``y_shared = W x_sh + b + Σ_always s B A drop(x_sh)`` and
-        ``y_tasks[t] = W x_sh + b + s_t B_t A_t x_t`` (``x_t = x_shared`` when ``x_tasks`` is None).
-        The task path deliberately omits the shared delta, as MTLoRA's task-specific layers do.
+        ``y_tasks[t] = W x_sh + b + s_t B_t A_t x_t`` (``x_t = drop(x_sh)`` — the same dropout mask as the
+        shared LoRA's — when ``x_tasks`` is None).  The task path deliberately omits the shared delta, as
+        MTLoRA's task-specific layers do.
         """
         if self.context.merged:
             raise RuntimeError(f"{self.name}: task streams cannot run on merged weights (shared delta counted twice)")
@@ -89,10 +90,14 @@ class AdaptedLinear(nn.Module):
         task_group = next((g for g in self.groups.values() if g.routing == "task"), None)
         if task_group is None:
             raise ValueError(f"{self.name}: forward_streams needs a task-routed group on this layer")
+        shared = [g for g in self.groups.values() if g.routing == "always"]
+        # the task LoRAs that read the shared input read it through the shared LoRA's dropout, with the same
+        # mask (MTLoRA's code drops the input once and hands it to both)
+        dropped = shared[0].dropout(x_shared) if shared else x_shared
         a, b = task_group.factors()
         tasks, rank, width, out = a.shape[0], a.shape[1], x_shared.shape[-1], pre.shape[-1]
         if x_tasks is None:  # one GEMM through every task's A: the shared input is read once, not once per task
-            rows = x_shared.reshape(-1, width)
+            rows = dropped.reshape(-1, width)
             h = (rows @ a.reshape(tasks * rank, width).to(rows.dtype).T).view(-1, tasks, rank).transpose(0, 1)
         else:
             h = torch.bmm(x_tasks.reshape(tasks, -1, width), a.to(x_tasks.dtype).transpose(1, 2))
@@ -101,9 +106,9 @@ class AdaptedLinear(nn.Module):
         h = h.to(pre.dtype).contiguous() * task_group.scale.to(pre.dtype).view(-1, 1, 1)
         y_tasks = torch.baddbmm(pre.reshape(1, -1, out).expand(tasks, -1, -1), h, b.to(pre.dtype).transpose(1, 2))
         y_shared = pre  # baddbmm saved nothing of `pre`, so the shared deltas may now go into it in place
-        for group in self.groups.values():
-            if group.routing == "always":
-                y_shared = _always(group, x_shared, y_shared)
+        for i, group in enumerate(shared):
+            a_s, b_s = group.factors()
+            _low_rank_(y_shared, dropped if i == 0 else group.dropout(x_shared), a_s[0], b_s[0], group.scale[0])
         return y_shared, y_tasks.view(tasks, *pre.shape)
 
 

@@ -2,7 +2,9 @@
 
 Losses: cross-entropy (ignore 255) for ``semseg`` and ``parts``; class-balanced BCE for ``saliency``
 (positives weighted by the fraction of negatives in the batch, and vice versa); L1 between the
-L2-normalised prediction and the target over valid pixels for ``normals``; L1 for ``depth``.
+L2-normalised prediction and the target, averaged over the valid elements (three per valid pixel, as the
+official MTLoRA code does — a mean over pixels would be 3× larger and triple the task's weight), for
+``normals``; L1 for ``depth``.
 
 Metrics, accumulated over a whole split (not averaged per batch):
 
@@ -49,10 +51,10 @@ def task_loss(task: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tens
         positive = (y * valid).sum() / count
         weight = torch.where(y > 0.5, 1.0 - positive, positive) * valid  # the rarer side weighs more
         return F.binary_cross_entropy_with_logits(pred[:, 0], y, weight=weight, reduction="sum") / count
-    if task == "normals":
+    if task == "normals":  # the mean over valid *elements* (3 a pixel), as MTLoRA's code averages its L1
         valid = target.abs().sum(1) > 0
         error = (F.normalize(pred, dim=1) - target).abs().sum(1)
-        return torch.where(valid, error, 0.0).sum() / valid.sum().clamp(min=1)
+        return torch.where(valid, error, 0.0).sum() / (target.shape[1] * valid.sum()).clamp(min=1)
     if task == "depth":
         return F.l1_loss(pred, target)
     raise ValueError(f"unknown dense task {task!r}")
