@@ -66,7 +66,7 @@ def test_placement_config_errors():
         lp.make_config("shared_specific", tasks=TASKS, placement_shared="top")
     with pytest.raises(ValueError, match="both 0 everywhere"):
         lp.make_config("shared_specific", tasks=TASKS, rank=0, domain_rank=[0, 0])
-    with pytest.raises(ValueError, match="'domain_rank' must be an int ≥ 0"):
+    with pytest.raises(ValueError, match="'domain_rank' must be ≥ 0, got -1"):
         lp.make_config("shared_specific", tasks=TASKS, domain_rank=-1)
     shared_only = build("shared_specific", rank=2, domain_rank=0, target_modules=["qkv"])
     assert ranks_by_block(shared_only, "domain") == [0, 0]

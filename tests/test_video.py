@@ -306,5 +306,7 @@ def test_a_video_run_trains_from_the_cli_and_reloads_frame_wise(tmp_path):
     assert isinstance(model.backbone, FrameWise) and config_back.data.frames == 3
     assert model.backbone.pooling == "concat" and model.backbone.num_features == 3 * 48
     assert evaluate_run(run, "best") == pytest.approx(results["best"]["test"])
+    other = {**yaml.safe_load(config.read_text()), "data": {"domains": ["digits"], "frames": 3}}
+    other["output"] = {**other["output"], "dir": str(tmp_path / "images")}
     with pytest.raises(ConfigError, match=r"data: .*use motion:digits"):
-        train(from_dict({**yaml.safe_load(config.read_text()), "data": {"domains": ["digits"], "frames": 3}}))
+        train(from_dict(other))

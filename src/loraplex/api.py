@@ -1,8 +1,9 @@
-"""The public entry points: ``wrap``, ``load``, ``export_peft``, ``count_parameters``."""
+"""The public entry points: ``wrap``, ``load``, ``load_run``, ``export_peft``, ``count_parameters``, ``configs_dir``."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,9 +22,10 @@ from .core.state import (
     read_config,
 )
 from .methods import MethodConfig, make_config, method_of
+from .models.backbones import package_data_dir
 from .models.heads import make_head
 
-__all__ = ["AdapterFileError", "count_parameters", "export_peft", "load", "wrap"]
+__all__ = ["AdapterFileError", "configs_dir", "count_parameters", "export_peft", "load", "load_run", "wrap"]
 
 
 def _features_only(backbone: nn.Module) -> nn.Module:
@@ -56,7 +58,7 @@ def wrap(
     width = getattr(backbone, "num_features", None)
     if width is None:
         raise ValueError(f"{type(backbone).__name__} has no `num_features`; use a timm model or set it")
-    head_modules = nn.ModuleDict({t: make_head(head, width, heads[t]) for t in config.tasks})
+    head_modules = nn.ModuleList(make_head(head, width, heads[t]) for t in config.tasks)  # by position, never name
     model = AdaptedModel(backbone, head_modules, config.tasks, context, banks, config.mixed_strategy)
     model.method_name = method.name
     model.method_config = config.to_dict()
@@ -87,3 +89,24 @@ def load(directory: str | os.PathLike, backbone: nn.Module, device: str | torch.
     model = wrap(backbone, cfg, heads=config["heads"], head=config.get("head"))
     load_tensors(model, directory)
     return model if device is None else model.to(device)
+
+
+def load_run(run_dir: str | os.PathLike, which: str = "best", device: str | torch.device = "auto") -> AdaptedModel:
+    """The model of a run trained by ``loraplex train``, with its ``best`` (on validation) or ``final`` adapters.
+
+    The backbone is rebuilt from the run's ``config.yaml`` (zoo entry, timm architecture and checkpoint, or the
+    seeded random init the run started from), the adapters are loaded onto it after the fingerprint check, and
+    the model is returned in eval mode on ``device`` (``auto``: CUDA when present) with its frozen weights in the
+    run's ``backbone.dtype``.  The run's config: ``loraplex.train.runner.read_run_config(run_dir)``.  The CPU
+    random state is left as it was."""
+    if which not in ("best", "final"):
+        raise ValueError(f"which must be 'best' or 'final', got {which!r}")
+    from .train.runner import load_run as _load_run  # the run layer (data, training) only when asked for
+
+    with torch.random.fork_rng(devices=[]):  # rebuilding a random-init backbone re-seeds torch
+        return _load_run(run_dir, which, device)[1]
+
+
+def configs_dir() -> Path:
+    """The YAML presets shipped with the package (the repository's ``configs/``): ``configs_dir() / "demo.yaml"``."""
+    return package_data_dir("configs")

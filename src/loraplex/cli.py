@@ -1,7 +1,8 @@
-"""``loraplex`` command line: ``train``, ``eval``, ``params``, ``analyze``, ``export``, ``report``.
+"""``loraplex`` command line: ``train``, ``eval``, ``params``, ``analyze``, ``export``, ``report``, ``pretrain``.
 
 Every command that reads a config accepts ``--set section.key=value`` overrides.  Errors a user can
-fix (bad config keys, missing data, wrong adapter files) print one clear line and exit with status 2.
+fix (bad config keys, missing or unreadable data, wrong or damaged adapter files and checkpoints, a run
+directory in use, a full disk) print one clear line and exit with status 2; a diverged run exits with 1.
 Multi-process training: ``torchrun --nproc_per_node=2 -m loraplex train CONFIG``.
 """
 
@@ -42,7 +43,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from .train.runner import pretrain
 
     config = load_config(args.config, args.overrides)
-    entry = pretrain(config, progress=not args.no_progress)
+    entry = pretrain(config, progress=not args.no_progress, overwrite=args.overwrite)
     if entry is not None:
         print(f"zoo entry written: {entry} (use it as backbone.name: {config.output.zoo_name})")
     return 0
@@ -79,8 +80,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .train.runner import load_run
 
     _, model = load_run(args.run_dir, which=args.which, device=args.device)
+    try:
+        model.task_index(args.task)
+    except ValueError as err:
+        raise ConfigError(f"--task: {err}") from err
     out = args.out or Path(args.run_dir) / f"peft-{args.task}"
-    export_peft(model, out, task=args.task, include_head=args.include_head)
+    try:
+        export_peft(model, out, task=args.task, include_head=args.include_head)
+    except ValueError as err:  # a method whose deltas are not one fixed LoRA per task
+        raise ConfigError(f"{args.run_dir} cannot be exported as a PEFT LoRA: {err}") from err
     print(f"PEFT LoRA for task {args.task!r} written to {out}")
     return 0
 
@@ -130,13 +138,26 @@ def _truncation(text: str) -> int | float:
     return float(text) if "." in text else int(text)
 
 
+def _one_line(err: Exception) -> str:
+    """An error as one line.  An error raised in a DataLoader worker arrives carrying the worker's traceback:
+    its last line is the original message."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(text.split())
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="loraplex", description="Structured multi-LoRA fine-tuning of ViTs.")
+    parser.add_argument("--version", action="version", version=f"loraplex {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     pretrain = commands.add_parser("pretrain", help="pre-train a backbone offline and write it to the zoo")
     _add_config(pretrain)
     pretrain.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
+    pretrain.add_argument("--overwrite", action="store_true", help="replace an existing zoo entry of that name")
     pretrain.set_defaults(func=cmd_pretrain)
 
     train = commands.add_parser("train", help="train (or resume) a run described by a config")
@@ -186,17 +207,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .api import AdapterFileError
-    from .data import SourceMissingError
+    from .core.state import DiskFullError
+    from .data import DataError, SourceMissingError
+    from .eval.report import NotARunDirError
     from .models import BackboneError
     from .train import TrainingDiverged
 
+    user_errors = (
+        ConfigError, AdapterFileError, SourceMissingError, DataError, BackboneError, NotARunDirError, DiskFullError
+    )  # fmt: skip
     try:
         return args.func(args)
-    except (ConfigError, AdapterFileError, SourceMissingError, BackboneError) as err:
-        print(f"loraplex {args.command}: error: {err}", file=sys.stderr)
+    except user_errors as err:
+        print(f"loraplex {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except TrainingDiverged as err:
-        print(f"loraplex {args.command}: {err}", file=sys.stderr)
+        print(f"loraplex {args.command}: {_one_line(err)}", file=sys.stderr)
         return 1
 
 

@@ -63,6 +63,7 @@ class DataSection:
     frames: int | None = None  # clips of this many frames (video domains, frame-wise backbone); None: images
     tasks: list[str] = field(default_factory=list)  # dense tasks predicted on every image (regime multitask)
     workers: int = 0  # processes decoding batches (video, PASCAL, image folders); 0: on the training thread
+    skip_unreadable: bool = False  # image files / clips that cannot be read: false stops at start-up, true skips them
 
     def check(self) -> None:
         if self.workers < 0:
@@ -92,8 +93,10 @@ class DataSection:
 
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
-EXECUTION_KEYS = {"train": ("threads", "device", "compile"), "data": ("workers",)}
-"""Keys that say how a run executes, not what it computes: a run may resume with other values."""
+RESUMABLE_KEYS = {"train": ("threads", "device", "compile", "steps"), "data": ("workers",), "output": "*"}
+"""What a run may change when it resumes: how it executes (threads, device, compile, workers), where it is
+written (the whole ``output`` section, so a run directory may be moved), and how long it trains
+(``train.steps``, raised to continue a finished run).  The rest is the recipe, which a run keeps."""
 
 
 @dataclass
@@ -347,7 +350,8 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML config (safe loader only), apply ``--set`` overrides, validate every key."""
+    """Read a YAML config (safe loader only), apply ``--set`` overrides, validate every key; an error about
+    a key given with ``--set`` names that ``--set``."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -355,7 +359,13 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from err
-    return from_dict(apply_overrides(raw, list(overrides)))
+    try:
+        return from_dict(apply_overrides(raw, list(overrides)))
+    except ConfigError as err:
+        culprit = next((o for o in overrides if o.split("=", 1)[0].strip() in str(err)), None)
+        if culprit is None or str(err).startswith("--set"):
+            raise
+        raise ConfigError(f"--set {culprit}: {err}") from err
 
 
 def dump_config(config: RunConfig) -> str:

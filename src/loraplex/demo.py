@@ -21,7 +21,7 @@ from loraplex.eval.floors import pixel_logistic_regression
 from loraplex.eval.report import write_report
 from loraplex.train.runner import domain_splits, load_run, train
 
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+CONFIG = lp.configs_dir() / "demo.yaml"
 
 
 def engine_checks(run_dir: Path, splits: dict, img_size: int) -> list[str]:

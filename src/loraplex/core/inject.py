@@ -163,7 +163,8 @@ def _output_space(spec: OutputSubspaceSpec, layer: AdaptedLinear, group: GroupSp
             svd[key] = column_space(weight, spec.k)
         column = svd[key]
         complement = spec.space == "null"
-        space = Subspace(column.clone(), complement=complement, form="projection" if complement else spec.form)
+        form = "projection" if complement else spec.form
+        space = Subspace(column.clone(), complement=complement, form=form, rebuilt=form == "projection")
     if rank > space.dim:
         k = column.shape[1]
         if spec.space == "column":
@@ -232,6 +233,11 @@ def _build_group(
         if bank.rank != rank:
             raise ValueError(f"{layer.name}: a shared bank needs one rank per shape; got {rank} and {bank.rank}")
     output_space = _output_space(group.output_subspace, layer, group, rank, svd) if group.output_subspace else None
+    if rank > min(out, inp):
+        raise ValueError(
+            f"{layer.name}: group {group.name!r} has rank {rank}, but its {out}×{inp} weight has rank at most "
+            f"{min(out, inp)}: a larger rank adds parameters and no capacity; choose a rank ≤ {min(out, inp)}"
+        )
     input_space = None
     if group.input_subspace is not None:
         if group.input_subspace not in ("span", "complement"):

@@ -89,6 +89,8 @@ class MixedOutput:
 class AdaptedModel(nn.Module):
     """Backbone + adapted layers + heads.  Built by :func:`loraplex.wrap`; methods never subclass it.
 
+    Heads are a list in task order: task names (``folder:./data`` …) are never module keys.
+
     Device and dtype: ``model.to(device)`` moves everything (a non-persistent buffer of task indices
     included, which is what homogeneous routes hand the layers).  Features reach the heads in the heads'
     dtype, so a backbone held in bf16 feeds fp32 heads with or without autocast."""
@@ -96,7 +98,7 @@ class AdaptedModel(nn.Module):
     def __init__(
         self,
         backbone: nn.Module,
-        heads: nn.ModuleDict,
+        heads: nn.ModuleList,
         tasks: Sequence[str],
         context: RouteContext,
         banks: dict[str, nn.Module],
@@ -195,12 +197,12 @@ class AdaptedModel(nn.Module):
         feats = self._features(x[order], Route.for_samples(ids[order], "slices"))
         return feats[torch.argsort(order)]
 
-    def _head(self, name: str, features):
-        """The task's head on features cast to the heads' dtype (a pyramid is a list of maps)."""
+    def _head(self, t: int, features):
+        """Task ``t``'s head on features cast to the heads' dtype (a pyramid is a list of maps)."""
         dtype = next(self.heads.parameters()).dtype
         if isinstance(features, torch.Tensor):
-            return self.heads[name](features.to(dtype))
-        return self.heads[name]([f.to(dtype) for f in features])
+            return self.heads[t](features.to(dtype))
+        return self.heads[t]([f.to(dtype) for f in features])
 
     # ---- forward -------------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor, task: TaskSpec = None) -> torch.Tensor:
@@ -220,13 +222,14 @@ class AdaptedModel(nn.Module):
             ids = self.task_range.repeat_interleave(x.shape[0])
             features = self._mixed_features(x.repeat(len(self.tasks), *([1] * (x.dim() - 1))), ids)
             return {
-                name: self._head(name, f) for name, f in zip(self.tasks, features.chunk(len(self.tasks)), strict=True)
+                name: self._head(t, f)
+                for t, (name, f) in enumerate(zip(self.tasks, features.chunk(len(self.tasks)), strict=True))
             }
         if isinstance(task, str | int):
-            return self._head(self.tasks[self.task_index(task)], self._features(x, self.task_route(task)))
+            return self._head(self.task_index(task), self._features(x, self.task_route(task)))
         ids = self.task_ids(task, x.device)
         features = self._mixed_features(x, ids)
-        return MixedOutput({name: self._head(name, features) for name in self.tasks}, ids)
+        return MixedOutput({name: self._head(t, features) for t, name in enumerate(self.tasks)}, ids)
 
     def _all_tasks(self, x: torch.Tensor, task: TaskSpec):
         if not (isinstance(task, str | int)):
@@ -234,9 +237,9 @@ class AdaptedModel(nn.Module):
         with self.routed(Route()):
             streams = self.backbone.forward_tasks(x, len(self.tasks))
         if task == "all":
-            return {name: self._head(name, streams[t]) for t, name in enumerate(self.tasks)}
+            return {name: self._head(t, streams[t]) for t, name in enumerate(self.tasks)}
         t = self.task_index(task)
-        return self._head(self.tasks[t], streams[t])
+        return self._head(t, streams[t])
 
     def save(self, directory) -> None:
         """Write ``loraplex_config.json`` + ``adapters.safetensors`` (see :mod:`loraplex.core.state`)."""

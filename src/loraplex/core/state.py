@@ -1,12 +1,19 @@
 """Adapter files, backbone fingerprints, PEFT export and parameter accounting.
 
 An adapter directory holds ``loraplex_config.json`` (method, its config, tasks, heads, backbone
-fingerprint) and ``adapters.safetensors`` (branch factors, subspace bases, banks, heads and every
-module the method trains fully).  Nothing is ever unpickled.
+fingerprints) and ``adapters.safetensors`` (branch factors, subspace bases that cannot be recomputed,
+banks, heads and every module the method trains fully), with a sha256 of its tensors in the file's
+metadata.  What is written is finite and checked on the way back in: a damaged or non-finite file is
+refused, never loaded.  Nothing is ever unpickled.
+
+Format versions: 1 keyed heads by task name and stored every basis; 2 keys heads by task position (task
+names such as ``folder:./data`` are not module keys), adds the checksum, and leaves out bases rebuilt from
+the frozen weights.  Version-1 files still load.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -14,19 +21,56 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from .model import AdaptedModel
+from .subspace import Subspace
 
 CONFIG_FILE = "loraplex_config.json"
 TENSORS_FILE = "adapters.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class AdapterFileError(ValueError):
     """An adapter directory that is missing, corrupted, or made for another backbone."""
+
+
+class NonFiniteError(ValueError):
+    """Tensors about to be written hold NaN or infinite values (a diverged run): nothing is written."""
+
+
+def _hash_tensor(digest, name: str, t: torch.Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+    digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def state_digest(state) -> str:
+    """sha256 over a nested structure of tensors, numbers and strings (dicts in key order): what a file's
+    integrity is checked against."""
+    digest = hashlib.sha256()
+
+    def walk(path: str, value) -> None:
+        if isinstance(value, torch.Tensor):
+            _hash_tensor(digest, path, value)
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                walk(f"{path}/{key}", value[key])
+        elif isinstance(value, list | tuple):
+            for i, item in enumerate(value):
+                walk(f"{path}/{i}", item)
+        else:
+            digest.update(f"{path}={value!r};".encode())
+
+    walk("", state)
+    return digest.hexdigest()
+
+
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating tensors that hold a NaN or an infinity."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
 
 
 FINGERPRINT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -43,11 +87,9 @@ def _fingerprints(backbone: nn.Module, dtypes: list[torch.dtype | None]) -> list
     """One digest per dtype in one pass over the state (a tensor is moved to the CPU once)."""
     digests = [hashlib.sha256() for _ in dtypes]
     for name, tensor in sorted(backbone.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
+        t = tensor.detach().cpu()
         for digest, dtype in zip(digests, dtypes, strict=True):
-            cast = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-            digest.update(f"{name}:{tuple(cast.shape)}:{cast.dtype};".encode())
-            digest.update(cast.reshape(-1).view(torch.uint8).numpy().tobytes() if cast.numel() else b"")
+            _hash_tensor(digest, name, t.to(dtype) if dtype is not None and t.is_floating_point() else t)
     return [d.hexdigest() for d in digests]
 
 
@@ -88,10 +130,12 @@ def check_backbone(saved: dict, backbone: nn.Module, where: str) -> None:
     if given != expected:
         cfg = getattr(backbone, "pretrained_cfg", None) or {}
         architecture = cfg.get("architecture") or type(backbone).__name__
+        trained_on = saved.get("source") or saved.get("architecture") or saved.get("class")
         raise AdapterFileError(
-            f"{where} was trained on backbone {saved.get('architecture') or saved.get('class')} "
-            f"(fingerprint {str(expected)[:12]}…), but the given backbone is {architecture} held in {dtype} "
-            f"(fingerprint {given[:12]}…): load it on the exact backbone (architecture and weights) it was trained on"
+            f"{where} was trained on backbone {trained_on} (fingerprint {str(expected)[:12]}…), but the given "
+            f"backbone is {architecture} held in {dtype} (fingerprint {given[:12]}…): load it on the exact "
+            "backbone (architecture and weights) it was trained on"
+            + (" — has that file changed since?" if saved.get("source") else "")
         )
 
 
@@ -105,22 +149,72 @@ def trained_backbone_state(model: AdaptedModel) -> dict[str, torch.Tensor]:
     }
 
 
+def rebuilt_bases(model: AdaptedModel) -> dict[str, torch.Tensor]:
+    """The subspace bases recomputed from the frozen weights whenever the model is built (not stored)."""
+    return {f"{name}.basis": m.basis for name, m in model.named_modules() if isinstance(m, Subspace) and m.rebuilt}
+
+
 def adapter_state(model: AdaptedModel) -> dict[str, torch.Tensor]:
-    """Every tensor an adapter file must carry: branch groups, banks, heads, trained backbone modules."""
-    state = {k: v for k, v in model.state_dict().items() if ".groups." in k or k.startswith(("heads.", "banks."))}
+    """Every tensor an adapter file must carry: branch groups, banks, heads, trained backbone modules —
+    on the CPU, and without the bases the frozen weights determine."""
+    rebuilt = rebuilt_bases(model)
+    state = {
+        k: v
+        for k, v in model.state_dict().items()
+        if (".groups." in k or k.startswith(("heads.", "banks."))) and k not in rebuilt
+    }
     state.update({f"backbone.{k}": v for k, v in trained_backbone_state(model).items()})
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
-def _atomic_write(path: Path, write) -> None:
+def load_adapter_state(model: AdaptedModel, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Load ``tensors`` (an adapter file's, or a checkpoint's) into ``model``: exactly the expected keys, the
+    expected shapes, finite values — anything else is an :class:`AdapterFileError` naming ``where``."""
+    expected = adapter_state(model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise AdapterFileError(f"{where} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, value in tensors.items():
+        if value.shape != expected[key].shape:
+            raise AdapterFileError(
+                f"{where}: {key} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}"
+            )
+    bad = non_finite(tensors)
+    if bad:
+        raise AdapterFileError(f"{where} holds NaN or infinite values in {bad[:3]}: refusing to load it")
+    model.load_state_dict(tensors, strict=False)
+
+
+class DiskFullError(OSError):
+    """The disk filled up while a file was written; the previous version of the file is kept."""
+
+
+def atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path``: a reader (or a run
+    killed mid-write) sees the old file or the new one, never half of one.  Temporaries are named
+    ``.<name>.<random>``, which :func:`orphaned_temporaries` finds after a kill."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        if err.errno == errno.ENOSPC:
+            raise DiskFullError(
+                err.errno, f"the disk is full: {path} was not written, its previous version is kept"
+            ) from err
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def orphaned_temporaries(directory: Path, names: tuple[str, ...]) -> list[Path]:
+    """Temporary files :func:`atomic_write` left behind for ``names`` in ``directory`` and its subdirectories
+    (a process killed mid-write never renames or removes them)."""
+    return [p for name in names for pattern in (f".{name}.*", f"*/.{name}.*") for p in directory.glob(pattern)]
 
 
 def save(model: AdaptedModel, directory: str | os.PathLike) -> Path:
@@ -139,8 +233,13 @@ def save(model: AdaptedModel, directory: str | os.PathLike) -> Path:
         "mixed_strategy": model.mixed_strategy,
     }
     tensors = adapter_state(model)
-    _atomic_write(out / TENSORS_FILE, lambda p: save_file(tensors, p, metadata={"format": "loraplex"}))
-    _atomic_write(out / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+    bad = non_finite(tensors)
+    if bad:
+        raise NonFiniteError(f"refusing to write {out}: {bad[:3]} hold NaN or infinite values")
+    config["rebuilt"] = {k: list(v.shape) for k, v in rebuilt_bases(model).items()}  # checked when rebuilt
+    metadata = {"format": "loraplex", "sha256": state_digest(tensors)}
+    atomic_write(out / TENSORS_FILE, lambda p: save_file(tensors, p, metadata=metadata))
+    atomic_write(out / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
     return out
 
 
@@ -160,25 +259,54 @@ def read_config(directory: str | os.PathLike) -> dict:
 
 
 def load_tensors(model: AdaptedModel, directory: str | os.PathLike) -> None:
-    """Load an adapter file into a freshly wrapped model; every expected tensor must be present."""
+    """Load an adapter file into a freshly wrapped model: its checksum, keys, shapes and values are checked,
+    and the bases rebuilt from the frozen weights must have the shapes the file was trained with."""
+    config = read_config(directory)
     path = Path(directory) / TENSORS_FILE
     if not path.is_file():
         raise AdapterFileError(f"{path} is missing")
     try:
-        tensors = load_file(path)
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 — safe_open has no __iter__
     except (SafetensorError, OSError, ValueError) as err:
         raise AdapterFileError(f"{path} is corrupted or truncated: {err}") from err
-    expected = adapter_state(model)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise AdapterFileError(f"{path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for key, value in tensors.items():
-        if value.shape != expected[key].shape:
+    if config.get("version", 1) < 2:
+        tensors = from_version_1(model, tensors)
+    elif metadata.get("sha256") != state_digest(tensors):
+        raise AdapterFileError(f"{path} is damaged: its tensors do not match the checksum written with them")
+    for key, shape in config.get("rebuilt", {}).items():
+        rebuilt = rebuilt_bases(model).get(key)
+        if rebuilt is None or list(rebuilt.shape) != shape:
+            found = None if rebuilt is None else list(rebuilt.shape)
             raise AdapterFileError(
-                f"{path}: {key} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}"
+                f"{path}: the subspace basis {key} rebuilt from the frozen weights has shape {found}, the adapter "
+                f"was trained with {shape}; the truncation k decided differently here — set method.k explicitly"
             )
-    model.load_state_dict(tensors, strict=False)
+    load_adapter_state(model, tensors, str(path))
+
+
+def from_version_1(model: AdaptedModel, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors written by version 1 (adapter files, checkpoints) in today's keys: heads by position instead of
+    name, rebuilt bases dropped."""
+    index = {name: i for i, name in enumerate(model.tasks)}
+    rebuilt = rebuilt_bases(model)
+    out = {}
+    for key, value in tensors.items():
+        if key.startswith("heads."):
+            name, rest = _split_head_key(key.removeprefix("heads."), index)
+            key = f"heads.{index[name]}.{rest}" if name is not None else key
+        if key not in rebuilt:
+            out[key] = value
+    return out
+
+
+def _split_head_key(key: str, index: dict[str, int]) -> tuple[str | None, str]:
+    """``<task name>.<parameter path>`` → (task, path); task names may hold dots, so match the longest name."""
+    for name in sorted(index, key=len, reverse=True):
+        if key.startswith(name + "."):
+            return name, key[len(name) + 1 :]
+    return None, key
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
@@ -243,7 +371,7 @@ def export_peft(
         if t is None:
             raise ValueError("include_head needs a task")
         classifier = (getattr(model.backbone, "pretrained_cfg", None) or {}).get("classifier", "head")
-        head = model.heads[model.tasks[t]]
+        head = model.heads[t]
         tensors[f"base_model.model.{classifier}.weight"] = head.weight.detach().cpu().contiguous()
         tensors[f"base_model.model.{classifier}.bias"] = head.bias.detach().cpu().contiguous()
         saved.append(classifier)
@@ -267,6 +395,6 @@ def export_peft(
     }
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "adapter_model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(out / "adapter_config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+    atomic_write(out / "adapter_model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(out / "adapter_config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2)))
     return out

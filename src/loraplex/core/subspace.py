@@ -67,16 +67,25 @@ def _left_singular(weight: torch.Tensor, k: TruncationK, full: bool) -> tuple[to
 
 class Subspace(nn.Module):
     """A fixed orthonormal ``basis`` (``[dim, m]``, or ``[n, dim, m]`` per branch) and whether the
-    allowed space is its span or its orthogonal complement."""
+    allowed space is its span or its orthogonal complement.
 
-    def __init__(self, basis: torch.Tensor, complement: bool = False, form: Form = "projection") -> None:
+    ``rebuilt``: the basis is a function of the frozen weights, recomputed whenever the model is built, so
+    adapter files do not carry it.  Only a projection qualifies: it depends on the span alone, which the
+    weights fix, while coordinates are tied to the very basis vectors an SVD happened to return."""
+
+    def __init__(
+        self, basis: torch.Tensor, complement: bool = False, form: Form = "projection", rebuilt: bool = False
+    ) -> None:
         super().__init__()
         if form not in ("coordinates", "projection"):
             raise ValueError(f"unknown subspace form {form!r}; choose 'coordinates' or 'projection'")
         if complement and form == "coordinates":
             raise ValueError("a complement subspace only has the 'projection' form")
+        if rebuilt and form == "coordinates":
+            raise ValueError("a coordinate-form basis is part of what was trained: it cannot be rebuilt")
         self.complement = complement
         self.form = form
+        self.rebuilt = rebuilt
         self.register_buffer("basis", basis.contiguous())
 
     @property

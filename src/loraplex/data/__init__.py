@@ -5,6 +5,7 @@ from .loader import BatchLoader, eval_loader
 from .sources import (
     FASHION_ROOT,
     KNOWN_CLASSES,
+    DataError,
     ImageSource,
     SourceMissingError,
     load_source,
@@ -19,6 +20,7 @@ __all__ = [
     "KNOWN_CLASSES",
     "BatchLoader",
     "BatchPlan",
+    "DataError",
     "DomainData",
     "ImageSource",
     "MultiDomainStream",

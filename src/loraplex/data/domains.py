@@ -3,7 +3,9 @@
 Five kinds of domain, told apart by name:
 
 * an image source (``fashion``, ``mnist``, ``digits``, ``folder:<path>`` …, see :mod:`.sources`); a folder is
-  split from its labels alone and its parts decode their files on demand, at the run's input size;
+  split from its labels alone and its parts decode their files on demand, at the run's input size.  The path
+  may be relative (to the current directory), start with ``~``, contain dots; every file is checked to be
+  readable first (:func:`~.sources.readable_folder`);
 * ``motion:<image source>`` — the offline video benchmark (benchmarks.md #2): clips in which an image
   of the source moves along one of :data:`~.motion.PATTERNS`, the pattern being the class.  The
   source's images are split first (stratified), and each part's clips are made from that part's images
@@ -18,14 +20,16 @@ Five kinds of domain, told apart by name:
 * a video dataset in its standard layout (``ucf101``, ``hmdb51``, ``kinetics400``; ``ucf101:2`` picks
   split fold 2), read from ``data.roots[<name>]`` and decoded on demand.  Test is the official test list
   (Kinetics: ``val.csv``, the set results are reported on); validation is carved from the training list.
+  Every listed clip's frame count is read first (:func:`~.video.readable_videos`).
+
+Unreadable image files and clips are an error naming the first; with ``skip_unreadable`` they are left out
+before splitting, with a one-line warning on the ``loraplex.data`` logger.
 
 Clips need ``frames``; images refuse it.  Augmentation is refused for clips: flips and crops change what
 a motion means (a flipped left-to-right clip is a right-to-left one).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,13 +43,14 @@ from .sources import (
     FolderDomain,
     ImageSource,
     SourceMissingError,
-    list_folder,
+    folder_path,
     load_source,
     num_classes,
+    readable_folder,
 )
 from .splits import Splits, class_balanced, split
 from .stream import DomainData
-from .video import LAYOUTS, VideoDomain, VideoList
+from .video import LAYOUTS, VideoDomain, VideoList, readable_videos
 
 MOTION_PREFIX = "motion:"
 PARTS = ("train", "val", "test")
@@ -84,10 +89,13 @@ def domain_parts(
     frames: int | None = None,
     augment: bool = False,
     class_balance: float = 0.0,
+    skip_unreadable: bool = False,
 ) -> dict[str, DomainData]:
     """Deterministic, stratified ``{"train", "val", "test"}`` of one domain, at ``size`` px.
 
-    Training images are kept at twice ``size`` when ``augment`` is on, so random crops keep their detail."""
+    Training images are kept at twice ``size`` when ``augment`` is on, so random crops keep their detail.
+    ``skip_unreadable`` (``data.skip_unreadable``) leaves out the image files and video clips that cannot be read
+    instead of stopping at the first with a :class:`~.sources.DataError`; it has no effect on other sources."""
     clip = is_clip_domain(name)
     if clip and frames is None:
         raise ValueError(f"domain {name!r} is made of clips: set data.frames (e.g. 8)")
@@ -105,9 +113,9 @@ def domain_parts(
     if name.startswith(MOTION_PREFIX):
         return _motion_parts(name, root, seed, counts, size, frames)
     if clip:
-        return _video_parts(name, root, seed, counts, size, frames)
+        return _video_parts(name, root, seed, counts, size, frames, skip_unreadable)
     if name.startswith(FOLDER_PREFIX):
-        classes, paths, labels = list_folder(Path(name.removeprefix(FOLDER_PREFIX)))
+        classes, paths, labels = readable_folder(name.removeprefix(FOLDER_PREFIX), skip_unreadable=skip_unreadable)
         source = ImageSource(name, torch.empty(0, dtype=torch.uint8), labels, classes)  # labels suffice to split
 
         def part_domain(index: torch.Tensor, size: int) -> DomainData:
@@ -207,7 +215,13 @@ def _layout(name: str) -> tuple[str, int]:
 
 
 def _video_parts(
-    name: str, root: str | None, seed: int, counts: dict[str, int | float | None], size: int, frames: int
+    name: str,
+    root: str | None,
+    seed: int,
+    counts: dict[str, int | float | None],
+    size: int,
+    frames: int,
+    skip_unreadable: bool,
 ) -> dict[str, DomainData]:
     layout, fold = _layout(name)
     if root is None:
@@ -217,12 +231,14 @@ def _video_parts(
         )
     load = LAYOUTS[layout]
     folded = {} if layout == "kinetics400" else {"fold": fold}
+    root = str(folder_path(root))
     train_list, test_list = load(root, "train", **folded), load(root, TEST_LIST[layout], **folded)
-    videos = VideoList(
+    listed = VideoList(
         name, train_list.paths + test_list.paths, train_list.labels + test_list.labels, train_list.classes
     )
+    videos, kept = readable_videos(listed, skip_unreadable=skip_unreadable)
     labels = torch.tensor(videos.labels, dtype=torch.int64)
-    official_test = torch.arange(len(videos)) >= len(train_list)
+    official_test = torch.tensor(kept, dtype=torch.int64) >= len(train_list)
     as_source = ImageSource(name, torch.empty(0, dtype=torch.uint8), labels, videos.classes, official_test)
     parts: Splits = split(as_source, seed=seed, **counts)
     return {

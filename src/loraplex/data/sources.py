@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,7 @@ KNOWN_CLASSES: dict[str, int] = {
 """Class counts known without loading anything (heads can be sized before the data exist)."""
 
 FOLDER_PREFIX = "folder:"
+FOLDER_HINT = ": put each class's images in its own subdirectory"
 LOADABLE = ("fashion", "mnist", "digits", "clipart", "fractals[:<classes>x<per_class>]", "folder:<path>")
 PRETRAIN_SIZE = 64  # pre-training sources are rendered at 64 px; augmentation crops them down
 
@@ -59,8 +61,24 @@ PRETRAIN_SIZE = 64  # pre-training sources are rendered at 64 px; augmentation c
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
+UNREADABLE_SHOWN = 3
+"""How many unreadable files a skip warning names."""
+CLASSES_SHOWN = 10
+SKIP_OPTION = "data.skip_unreadable"
+EMPTY_FILE = "empty file (0 bytes)"
+
+log = logging.getLogger("loraplex.data")
+"""Where the data layer reports what it skipped; with logging unconfigured (the CLI) Python prints the bare message
+on stderr."""
+
+
 class SourceMissingError(FileNotFoundError):
     """The data of a source are not on this machine; the message says what is missing and how to install it."""
+
+
+class DataError(ValueError):
+    """The data are there but cannot be used as they are (an unreadable image or video, a folder with fewer than two
+    classes); the message names the file or folder and what to do about it."""
 
 
 @dataclass
@@ -210,42 +228,179 @@ def _load_digits() -> ImageSource:
     )
 
 
-def list_folder(path: Path) -> tuple[list[str], list[Path], torch.Tensor]:
+def folder_path(spec: str | Path) -> Path:
+    """The directory ``folder:<spec>`` names: ``~`` expanded, a relative path resolved against the current directory
+    (where the command runs, not where the config file lives), symlinks resolved. Any spelling works: ``./data``,
+    ``../x``, ``~/sets/a``, ``/home/j.doe/set.v2``."""
+    return Path(spec).expanduser().resolve()
+
+
+def _shown(spec: str | Path, path: Path) -> str:
+    return str(path) if str(spec) == str(path) else f"{path} (given as {str(spec)!r})"
+
+
+def list_folder(path: str | Path) -> tuple[list[str], list[Path], torch.Tensor]:
     """Classes, image files and their int64 labels of an ImageNet-style folder: one subdirectory per class (sorted
-    names are the classes), images inside (any extension PIL opens)."""
+    names are the classes), images inside (any extension PIL opens). ``path`` is resolved by :func:`folder_path`,
+    so the files come back absolute. Hidden entries (``.ipynb_checkpoints/``, macOS ``._x.jpg``) are ignored.
+
+    Cheap: nothing is opened (see :func:`readable_folder` for the checks a run makes). A folder that does not exist
+    or holds no images is a :class:`SourceMissingError`."""
     from PIL import Image
 
-    if not path.is_dir():
-        raise SourceMissingError(f"image folder {path} does not exist (expected one subdirectory per class)")
+    folder = folder_path(path)
+    if not folder.is_dir():
+        what = "is not a directory" if folder.exists() else "does not exist"
+        raise SourceMissingError(f"image folder {_shown(path, folder)} {what} (expected one subdirectory per class)")
     extensions = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
-    classes = sorted(d.name for d in path.iterdir() if d.is_dir())
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
     files = [
         (f, label)
         for label, cls in enumerate(classes)
-        for f in sorted((path / cls).iterdir())
-        if f.suffix.lower() in extensions
+        for f in sorted((folder / cls).iterdir())
+        if f.suffix.lower() in extensions and not f.name.startswith(".") and not f.is_dir()
     ]
     if not files:
-        raise SourceMissingError(f"no images found in {path} (expected one subdirectory per class with images)")
+        nested = next((folder / c for c in classes if any(d.is_dir() for d in (folder / c).iterdir())), None)
+        raise SourceMissingError(
+            f"no images found in image folder {_shown(path, folder)}: expected one subdirectory per class with "
+            f"images, found {len(classes)} subdirector{'y' if len(classes) == 1 else 'ies'}"
+            + (f" ({', '.join(classes[:CLASSES_SHOWN])})" if classes else "")
+            + (f"; if the classes are the subdirectories of {nested}, use folder:{nested}" if nested else "")
+        )
     return classes, [f for f, _ in files], torch.tensor([label for _, label in files], dtype=torch.int64)
 
 
-def read_image(path: Path, size: int | None = None) -> torch.Tensor:
-    """One image file as uint8 RGB `[H, W, 3]`, resized to `size`×`size` as `to_tensor_batch` resizes (bilinear,
-    antialiased) when `size` is given; a file PIL cannot decode is an error naming the file."""
+def require_two_classes(
+    where: str, classes: Sequence[str], labels: torch.Tensor, *, noun: str = "images", after: str = "", hint: str = ""
+) -> None:
+    """A classifier needs two classes with samples (a one-class one scores 100%): otherwise a :class:`DataError`
+    naming ``where`` and the classes found."""
+    counts = torch.bincount(labels, minlength=len(classes)).tolist()
+    filled = [c for c, n in zip(classes, counts, strict=True) if n]
+    if len(filled) >= 2:
+        return
+    listed = ", ".join(map(repr, classes[:CLASSES_SHOWN])) + (", …" if len(classes) > CLASSES_SHOWN else "")
+    found = f"{len(classes)} class{'es' if len(classes) != 1 else ''} ({listed})"
+    state = "" if len(classes) < 2 else f" but {f'only {filled[0]!r}' if filled else 'none'} holds {noun}{after}"
+    raise DataError(f"{where} has {found}{state}: a classifier needs at least two classes with {noun}{hint}")
+
+
+def error_reason(err: BaseException, path: str | Path | None = None) -> str:
+    """What went wrong, without the path (the message names it once) or an errno; "empty file" for a 0-byte one."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        if path is not None and Path(path).stat().st_size == 0:
+            return EMPTY_FILE
+    except OSError:
+        pass
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image format PIL can identify"
+    text = getattr(err, "strerror", None) or str(err) or type(err).__name__
+    return text.strip()
+
+
+def _pil_errors() -> tuple[type[BaseException], ...]:
+    """What PIL raises for unreadable, corrupt, truncated or oversized files."""
+    from PIL import Image
+
+    return (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+def image_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be read as an image, or None when it can.
+
+    Reads the whole file, but spares the pixel work where the format allows: a PNG's chunks are CRC-checked up to
+    IEND (``verify``), a JPEG is entropy-decoded at 1/8 scale (``draft``), other formats are decoded. So zero-byte,
+    garbage and truncated files are caught. Measured (one core, warm cache): 2,000 PNGs/JPEGs of 32–256 px in
+    0.24 s (a full decode: 0.9 s; headers alone: 0.08 s, but they miss truncation); 1600×1200 px, 2.8 ms a file
+    (a full decode: 32 ms)."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
-            rgb = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8))
-    except (OSError, SyntaxError, ValueError) as err:  # what PIL raises for unreadable, corrupt or truncated files
-        raise ValueError(f"cannot decode image {path}: {err}") from err
+            if image.format == "PNG":
+                image.verify()
+            else:
+                if image.format == "JPEG":
+                    image.draft(None, (1, 1))
+                image.load()
+    except _pil_errors() as err:
+        return error_reason(err, path)
+    return None
+
+
+def keep_readable(
+    where: str, paths: Sequence[Path], problems: Sequence[str | None], *, skip_unreadable: bool, base: Path | None
+) -> list[int]:
+    """Positions of the readable files. An unreadable one is a :class:`DataError` naming the first (and counting the
+    others) unless ``skip_unreadable``; then they are dropped with a one-line warning on the ``loraplex.data``
+    logger giving their count and the first few names (relative to ``base``)."""
+    bad = [i for i, problem in enumerate(problems) if problem is not None]
+    if not bad:
+        return list(range(len(paths)))
+    if not skip_unreadable:
+        others = (
+            f"; {len(bad) - 1} other file{'s are' if len(bad) > 2 else ' is'} unreadable too" if len(bad) > 1 else ""
+        )
+        raise DataError(
+            f"{where}: cannot read {paths[bad[0]]} ({problems[bad[0]]}){others}. "
+            f"Fix or remove the file{'s' if len(bad) > 1 else ''}, or set {SKIP_OPTION}: true to skip unreadable files."
+        )
+
+    def name(path: Path) -> str:
+        return str(path.relative_to(base)) if base is not None and path.is_relative_to(base) else str(path)
+
+    shown = ", ".join(name(paths[i]) for i in bad[:UNREADABLE_SHOWN]) + (" …" if len(bad) > UNREADABLE_SHOWN else "")
+    log.warning(f"{where}: skipped {len(bad)} of {len(paths)} files that cannot be read ({SKIP_OPTION}): {shown}")
+    bad_set = set(bad)
+    return [i for i in range(len(paths)) if i not in bad_set]
+
+
+def readable_folder(path: str | Path, *, skip_unreadable: bool = False) -> tuple[list[str], list[Path], torch.Tensor]:
+    """:func:`list_folder`, checked as a run checks it at start-up (so that a bad folder or a broken file stops it
+    there, not hours into training): at least two classes must hold images (a :class:`DataError` otherwise), and
+    every file is read by :func:`image_problem` (see :func:`keep_readable` for what happens to unreadable ones).
+    The classes stay those of the subdirectories (a head's size does not depend on what was skipped), but at
+    least two must keep images."""
+    classes, paths, labels = list_folder(path)
+    folder = folder_path(path)
+    where = f"image folder {folder}"
+    require_two_classes(where, classes, labels, hint=FOLDER_HINT)
+    keep = keep_readable(where, paths, [image_problem(p) for p in paths], skip_unreadable=skip_unreadable, base=folder)
+    if len(keep) < len(paths):
+        paths, labels = [paths[i] for i in keep], labels[keep]
+        require_two_classes(where, classes, labels, after=" after skipping unreadable files", hint=FOLDER_HINT)
+    counts = torch.bincount(labels, minlength=len(classes)).tolist()
+    empty = [c for c, n in zip(classes, counts, strict=True) if not n]
+    if empty:  # legal (the head keeps their outputs), but most likely images in the wrong place or format
+        log.warning(f"{where}: no readable images in {len(empty)} of its {len(classes)} classes: {', '.join(empty)}")
+    return classes, paths, labels
+
+
+def read_image(path: Path, size: int | None = None) -> torch.Tensor:
+    """One image file as uint8 RGB `[H, W, 3]`, resized to `size`×`size` as `to_tensor_batch` resizes (bilinear,
+    antialiased) when `size` is given; a file PIL cannot decode is a :class:`DataError` naming the file. 16-bit grey
+    images are scaled to 8 bits (PIL's own conversion would clip them to white)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            if image.mode.startswith("I;16"):  # 16-bit grey: 0..65535 onto 0..255
+                grey = Image.fromarray(np.rint(np.asarray(image).astype(np.float32) / 257.0).astype(np.uint8))
+                rgb = torch.from_numpy(np.array(grey.convert("RGB"), dtype=np.uint8))
+            else:
+                rgb = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8))
+    except _pil_errors() as err:
+        raise DataError(f"cannot decode image {path}: {error_reason(err, path)}") from err
     return rgb if size is None else resize_uint8(rgb[None], size, 3)[0]
 
 
 def _load_folder(path: Path, size: int | None) -> ImageSource:
     """Every image of a folder (see `list_folder`) decoded into memory."""
     classes, paths, labels = list_folder(path)
+    require_two_classes(f"image folder {folder_path(path)}", classes, labels, hint=FOLDER_HINT)
     images = [read_image(f, size) for f in paths]
     shapes = {tuple(im.shape) for im in images}
     if len(shapes) > 1:

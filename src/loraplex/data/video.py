@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .sources import SourceMissingError
+from .sources import DataError, SourceMissingError, error_reason, keep_readable, require_two_classes
 from .stream import DomainData
 
 PYAV_INSTALL = "pip install av"
@@ -41,12 +42,13 @@ MISSING_SHOWN = 3
 
 @dataclass
 class VideoList:
-    """Labelled video files of one dataset split."""
+    """Labelled video files of one dataset split; ``frame_counts`` once :func:`readable_videos` has read them."""
 
     name: str
     paths: list[Path]
     labels: list[int]
     classes: list[str]
+    frame_counts: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -208,34 +210,92 @@ def _av():
     return av
 
 
-def count_frames(path: str | Path) -> int:
-    """Frames of the first video stream: the container's count, or the packets when it has none."""
+def _av_errors(av) -> tuple[type[BaseException], ...]:
+    """What PyAV raises for empty, garbage or truncated files (and for a file without a video stream)."""
+    return (av.FFmpegError, OSError, ValueError, EOFError, IndexError)
+
+
+def _frames_in(path: str | Path) -> int:
     av = _av()
     with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
         stream = container.streams.video[0]
-        if stream.frames:
-            return int(stream.frames)
-        return sum(1 for packet in container.demux(stream) if packet.size)
+        count = int(stream.frames) or sum(1 for packet in container.demux(stream) if packet.size)
+    if count < 1:
+        raise ValueError("no video frames")
+    return count
+
+
+def video_problem(path: str | Path) -> tuple[int, str | None]:
+    """``(frames, None)`` for a readable video, ``(0, why)`` for one whose frame count cannot be read."""
+    av = _av()
+    try:
+        return _frames_in(path), None
+    except _av_errors(av) as err:
+        return 0, error_reason(err, path)
+
+
+def count_frames(path: str | Path) -> int:
+    """Frames of the first video stream: the container's count, or the packets when it has none. A file whose
+    count cannot be read (empty, not a video, truncated before its index) is a :class:`DataError` naming it."""
+    frames, problem = video_problem(path)
+    if problem is not None:
+        raise DataError(f"cannot read video {path}: {problem}")
+    return frames
+
+
+def readable_videos(videos: VideoList, *, skip_unreadable: bool = False) -> tuple[VideoList, list[int]]:
+    """``videos`` with every frame count read (at start-up, so a corrupt clip stops a run there), and the positions
+    kept. A clip whose count cannot be read is a :class:`DataError` naming it, unless ``skip_unreadable`` drops it
+    (one warning line, see :func:`~.sources.keep_readable`). Costs an open and a header read per clip (a demux of
+    the packets when the container has no frame count); :class:`VideoDomain` then reuses the counts."""
+    found = [video_problem(p) for p in videos.paths]
+    keep = keep_readable(
+        videos.name, videos.paths, [p for _, p in found], skip_unreadable=skip_unreadable, base=_base(videos.paths)
+    )
+    kept = VideoList(
+        videos.name,
+        [videos.paths[i] for i in keep],
+        [videos.labels[i] for i in keep],
+        videos.classes,
+        [found[i][0] for i in keep],
+    )
+    if len(keep) < len(videos):
+        labels = torch.tensor(kept.labels, dtype=torch.int64)
+        require_two_classes(videos.name, kept.classes, labels, noun="clips", after=" after skipping unreadable clips")
+    return kept, keep
+
+
+def _base(paths: list[Path]) -> Path | None:
+    """The directory the paths share, to name skipped files by (None when they share none)."""
+    try:
+        return Path(os.path.commonpath([p.parent for p in paths])) if paths else None
+    except ValueError:  # absolute and relative paths mixed
+        return None
 
 
 def read_frames(path: str | Path, indices: list[int], size: int) -> np.ndarray:
     """Decode the frames at ``indices`` (any order, repeats allowed) as uint8 ``[len, size, size, 3]``.
 
     Decoding stops after the last wanted frame; if a container claimed more frames than it holds,
-    indices past the end get its last frame."""
+    indices past the end get its last frame. A file that cannot be decoded is a :class:`DataError` naming it."""
     av = _av()
     wanted, stop = set(indices), max(indices)
     found: dict[int, np.ndarray] = {}
-    with av.open(str(path)) as container:
-        i, frame = -1, None
-        for i, frame in enumerate(container.decode(video=0)):
-            if i in wanted:
-                found[i] = _rgb(frame, size)
-            if i >= stop:
-                break
-        if frame is None:
-            raise ValueError(f"{path} holds no decodable video frame")
-        tail = found[i] if i in found else _rgb(frame, size)
+    try:
+        with av.open(str(path)) as container:
+            i, frame = -1, None
+            for i, frame in enumerate(container.decode(video=0)):
+                if i in wanted:
+                    found[i] = _rgb(frame, size)
+                if i >= stop:
+                    break
+            if frame is None:
+                raise ValueError("no decodable video frame")
+            tail = found[i] if i in found else _rgb(frame, size)
+    except _av_errors(av) as err:
+        raise DataError(f"cannot decode video {path}: {error_reason(err, path)}") from err
     return np.stack([found.get(j, tail) for j in indices])
 
 
@@ -271,7 +331,8 @@ class VideoDomain(DomainData):
         """The frames clip ``row`` is made of when drawn at training ``step`` (None: evaluation)."""
         video = self.rows[row]
         if video not in self._counts:
-            self._counts[video] = count_frames(self.videos.paths[video])
+            counts = self.videos.frame_counts
+            self._counts[video] = counts[video] if counts is not None else count_frames(self.videos.paths[video])
         rng = None if step is None else np.random.default_rng((self.seed, step, video))
         return segment_indices(self._counts[video], self.frames, train=step is not None, rng=rng)
 

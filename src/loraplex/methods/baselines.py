@@ -16,13 +16,6 @@ class LoRAConfig(MethodConfig):
     alpha: float | None = None
     dropout: float = 0.0
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.rank < 1:
-            raise ValueError(f"config key 'rank' must be ≥ 1, got {self.rank}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"config key 'dropout' must lie in [0, 1), got {self.dropout}")
-
 
 @dataclass
 class LoRAPerTaskConfig(LoRAConfig):

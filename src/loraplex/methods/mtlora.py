@@ -37,14 +37,6 @@ class MTLoRAConfig(MethodConfig):
     scale: float = 4.0
     dropout: float = 0.05
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for key in ("rank", "task_rank"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise ValueError(f"config key {key!r} must be an int ≥ 1, got {getattr(self, key)!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"config key 'dropout' must lie in [0, 1), got {self.dropout}")
-
 
 @dataclass
 class MTLoRAPlusConfig(MTLoRAConfig):

@@ -10,8 +10,8 @@ such as ``attn.proj`` have none unless ``k`` truncates).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from ..core.inject import GroupSpec, OutputSubspaceSpec
 from .registry import AdapterPlan, MethodConfig, register
@@ -51,14 +51,16 @@ class SharedSpecificConfig(MethodConfig):
     placement: PlacementName = "uniform"
     placement_shared: PlacementName = "uniform"
 
+    min_rank: ClassVar[int] = 0  # rank 0 drops the shared LoRA ("domain only" rows)
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.constraint not in ("none", "subspace"):
             raise ValueError(f"config key 'constraint' must be 'none' or 'subspace', got {self.constraint!r}")
         if self.form not in ("coordinates", "projection"):
             raise ValueError(f"config key 'form' must be 'coordinates' or 'projection', got {self.form!r}")
-        shared = _ranks(self.rank, "rank")
-        domain = shared if self.domain_rank is None else _ranks(self.domain_rank, "domain_rank")
+        shared = [self.rank] if isinstance(self.rank, int) else list(self.rank)
+        domain = [self.domain_ranks] if isinstance(self.domain_ranks, int) else list(self.domain_ranks)
         if not any(shared) and not any(domain):
             raise ValueError("config keys 'rank' and 'domain_rank' are both 0 everywhere: nothing to adapt")
         placed_rank(self.rank, self.placement_shared, "placement_shared")  # conflicts fail at config time
@@ -67,13 +69,6 @@ class SharedSpecificConfig(MethodConfig):
     @property
     def domain_ranks(self) -> int | list[int]:
         return self.rank if self.domain_rank is None else self.domain_rank
-
-
-def _ranks(value: int | Sequence[int], key: str) -> list[int]:
-    ranks = [value] if isinstance(value, int) else list(value)
-    if not ranks or any(not isinstance(r, int) or r < 0 for r in ranks):
-        raise ValueError(f"config key {key!r} must be an int ≥ 0 or a non-empty list of them, got {value!r}")
-    return ranks
 
 
 @register("shared_specific", SharedSpecificConfig)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from importlib import resources
 from pathlib import Path
 
 import timm
@@ -20,12 +21,25 @@ from torch import nn
 
 from ..config import BackboneSection, ConfigError
 
-REPO_ZOO = Path(__file__).resolve().parents[3] / "zoo"
+
+def package_data_dir(name: str) -> Path:
+    """A data directory the package ships (``zoo``, ``configs``): ``loraplex/<name>/`` of an installed wheel,
+    found with :mod:`importlib.resources`; in a source checkout (an editable install, or ``src`` on the path)
+    the repository's top-level ``<name>/`` beside ``src/``.
+
+    The wheel maps ``loraplex.<name>`` onto the top-level directory (``package-dir`` in pyproject.toml).  An
+    editable install cannot import that mapping (setuptools' editable finder imports only mapped directories
+    holding an ``__init__.py``; its compat mode knows no mappings), hence the checkout's own directory."""
+    package = resources.files("loraplex")
+    packaged = package / name
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return Path(str(package)).resolve().parent.parent / name
 
 
 def zoo_dir() -> Path:
-    """The committed ``zoo/`` of the repository, or ``$LORAPLEX_ZOO`` (a user's own collection)."""
-    return Path(os.environ.get("LORAPLEX_ZOO", REPO_ZOO))
+    """``$LORAPLEX_ZOO`` (a user's own collection), else the zoo shipped with the package (the committed ``zoo/``)."""
+    return Path(os.environ.get("LORAPLEX_ZOO") or package_data_dir("zoo"))
 
 
 class BackboneError(ValueError):
@@ -100,6 +114,15 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str) -
             f"missing {missing[:4]}, unexpected {unexpected[:4]}, wrong shapes {wrong[:4]}"
         )
     model.load_state_dict(state, strict=False)
+
+
+def describe_backbone(section: BackboneSection) -> str:
+    """Where a config's backbone weights come from, as errors about that backbone name it."""
+    if section.name in zoo_entries():
+        return f"zoo entry {section.name!r} ({zoo_dir() / section.name}.safetensors)"
+    if section.checkpoint:
+        return f"{section.name} from checkpoint {section.checkpoint}"
+    return f"{section.name} ({'timm pre-trained weights' if section.pretrained else 'random init'})"
 
 
 def create_backbone(section: BackboneSection, *, load: bool = True) -> nn.Module:

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +28,23 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..config import TrainSection
+from ..config import ConfigError, TrainSection
 from ..core.model import AdaptedModel
-from ..core.state import adapter_state, count_parameters, load_tensors
+from ..core.state import (
+    CONFIG_FILE,
+    TENSORS_FILE,
+    AdapterFileError,
+    NonFiniteError,
+    adapter_state,
+    atomic_write,
+    count_parameters,
+    from_version_1,
+    load_adapter_state,
+    load_tensors,
+    non_finite,
+    orphaned_temporaries,
+    state_digest,
+)
 from .dist import Dist, any_rank, barrier, mean_over_ranks
 from .placement import Placement
 
@@ -42,7 +54,12 @@ RESULTS = "results.json"
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss, the gradients or the weights became NaN or infinite; nothing non-finite was written, and the
+    last good checkpoint is kept."""
+
+
+class CheckpointError(AdapterFileError):
+    """A run's checkpoint that cannot be resumed from: unreadable, damaged, or for other backbone weights."""
 
 
 class Regime(Protocol):
@@ -126,25 +143,55 @@ def _on_cpu(obj: Any) -> Any:
     return obj
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
+def strict_json(obj: Any) -> Any:
+    """``obj`` with NaN and infinities as ``null``: JSON that every parser reads (``json`` writes bare NaN)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, **kw) -> str:
+    return json.dumps(strict_json(obj), allow_nan=False, **kw)
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Write a checkpoint atomically, device-free, with a checksum of everything in it."""
+    payload = _on_cpu(payload)
+    atomic_write(path, lambda tmp: torch.save({**payload, "sha256": state_digest(payload)}, tmp))
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint's contents, or a clear error: unreadable (zero bytes, truncated, not a checkpoint) or
+    damaged (its checksum does not match).  Only tensors and plain types are read (``weights_only``)."""
+    how = "Restore it from a copy, or start over in a new run directory (--set output.dir=…)."
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises many kinds for a damaged file (EOF, zip, unpickling errors)
+        # the type alone: torch's messages run to paragraphs (and suggest unpickling untrusted files)
+        raise CheckpointError(
+            f"{path} is unreadable: cut short or not a checkpoint ({type(err).__name__}). {how}"
+        ) from err
+    if not isinstance(saved, dict) or "loop" not in saved:
+        raise CheckpointError(f"{path} is not a loraplex checkpoint. {how}")
+    digest = saved.pop("sha256", None)
+    if digest is not None and digest != state_digest(saved):
+        raise CheckpointError(f"{path} is damaged: its contents do not match the checksum written with them. {how}")
+    return saved
 
 
 class MetricsLog:
-    """``metrics.jsonl`` (and TensorBoard) on the main rank; on resume, lines past the checkpoint go."""
+    """``metrics.jsonl`` (and TensorBoard) on the main rank; on resume, lines past the checkpoint go (and a
+    line cut short by a kill)."""
 
     def __init__(self, run_dir: Path, resumed_step: int, tensorboard: bool) -> None:
         self.path = run_dir / METRICS
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resumed_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resumed_step]
+            atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # optional heavy import
@@ -153,7 +200,7 @@ class MetricsLog:
 
     def write(self, step: int, split: str, metrics: dict[str, float]) -> None:
         with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
+            f.write(dumps({"step": step, "split": split, **metrics}) + "\n")
         if self.writer is not None:
             for key, value in metrics.items():
                 self.writer.add_scalar(f"{split}/{key}", value, step)
@@ -161,6 +208,19 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf  # a partial line: dropped
+
+
+def summary(metrics: dict[str, float], selection: str) -> str:
+    """One readable line of metrics, the selection metric first."""
+    keys = [selection, *(k for k in metrics if k != selection)]
+    return " · ".join(f"{k} {metrics[k]:.4f}" for k in keys if isinstance(metrics.get(k), float))
 
 
 def fit(
@@ -174,24 +234,50 @@ def fit(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train ``model`` (already on ``dist.device``) under ``regime`` for ``cfg.steps`` steps, resuming from
-    ``run_dir`` if it holds a checkpoint; returns (and on the main rank writes) ``results.json``."""
+    ``run_dir`` if it holds a checkpoint; returns (and on the main rank writes) ``results.json``.
+
+    A finished run is not trained or evaluated again: its results are returned as they were written.  A
+    run's ``train.steps`` may be raised to continue it (the cosine schedule is recomputed over the new
+    total, so the learning rate rises again from where it was: a warm restart)."""
     dist = dist or Dist()
     placement = Placement(dist.device, cfg.precision)
+    say = announcer(progress, dist)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        for orphan in orphaned_temporaries(run_dir, (CHECKPOINT, RESULTS, METRICS, TENSORS_FILE, CONFIG_FILE)):
+            orphan.unlink(missing_ok=True)  # left by a process killed mid-write (the run directory is locked)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg))
     scaler = placement.scaler()
     state = LoopState()
     checkpoint_path = run_dir / CHECKPOINT
+    backbone = model.backbone_info.get("fingerprint")
     if checkpoint_path.exists():
-        saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(saved["model"], strict=False)
+        saved = read_checkpoint(checkpoint_path)
+        if saved.get("backbone", backbone) != backbone:
+            source = model.backbone_info.get("source") or model.backbone_info.get("architecture")
+            raise CheckpointError(
+                f"{checkpoint_path} was written with other backbone weights than {source} has now: has the "
+                "backbone changed since? Resume on the weights the run started from, or start a new run."
+            )
+        tensors = saved["model"] if "sha256" in saved else from_version_1(model, saved["model"])  # older runs
+        load_adapter_state(model, tensors, str(checkpoint_path))
         optimizer.load_state_dict(saved["optimizer"])  # moves the state to the parameters' device
         scheduler.load_state_dict(saved["scheduler"])
         if saved.get("scaler"):  # empty when fp16 scaling is off
             scaler.load_state_dict(saved["scaler"])
         regime.load_state_dict(saved["regime"])
         state = LoopState(**saved["loop"])
+        if state.step > cfg.steps:
+            raise ConfigError(
+                f"train.steps={cfg.steps} is below the {state.step} steps this run has done: raise it, or choose "
+                "another output.dir for a shorter run"
+            )
+        finished = _finished_results(run_dir, state.step)
+        if state.step == cfg.steps and finished is not None:
+            say(f"{run_dir} is finished ({state.step} steps): its results stand (raise train.steps to go on)")
+            return finished
+        say(f"resuming {run_dir} from step {state.step} of {cfg.steps}")
     log = MetricsLog(run_dir, state.step, tensorboard) if dist.is_main else None
     if cfg.compile:
         model.compile(**({} if cfg.compile is True else {"backend": cfg.compile}))
@@ -204,21 +290,34 @@ def fit(
 
     saved_step = state.step if checkpoint_path.exists() else None
 
+    def diverged(why: str) -> TrainingDiverged:
+        bar.close()
+        where = f"step {saved_step} in {checkpoint_path}" if saved_step is not None else "none written yet"
+        return TrainingDiverged(
+            f"{why}; training stopped before it was written anywhere. Last good checkpoint: {where}. "
+            "Lower train.lr, raise train.warmup_steps or set train.clip_grad, in a new run directory "
+            "(--set output.dir=…): this one's recipe is fixed."
+        )
+
     def checkpoint() -> None:
         nonlocal saved_step
-        saved_step = state.step
         if dist.is_main:
-            _atomic_save(
+            tensors = adapter_state(model)
+            if non_finite(tensors):
+                raise diverged(f"the weights hold NaN or infinite values at step {state.step}")
+            save_checkpoint(
+                checkpoint_path,
                 {
-                    "model": adapter_state(model),
-                    "optimizer": _on_cpu(optimizer.state_dict()),
+                    "model": tensors,
+                    "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(),
                     "regime": regime.state_dict(),
                     "loop": state.__dict__,
+                    "backbone": backbone,
                 },
-                checkpoint_path,
             )
+        saved_step = state.step
         barrier(dist)
 
     def validate() -> None:
@@ -231,7 +330,12 @@ def fit(
             score = state.last_val[regime.selection_metric]
             if score > state.best_score:
                 state.best_score, state.best_step = score, state.step
-                model.save(run_dir / "best")
+                try:
+                    model.save(run_dir / "best")
+                except NonFiniteError as err:
+                    raise diverged(str(err)) from err
+            say(f"step {state.step}/{cfg.steps} val: {summary(state.last_val, regime.selection_metric)}"
+                f" (best {state.best_score:.4f} at step {state.best_step})")  # fmt: skip
         barrier(dist)
 
     bar = tqdm(total=cfg.steps, initial=state.step, desc="train", unit="step", disable=not (progress and dist.is_main))
@@ -245,18 +349,18 @@ def fit(
             loss, metrics = regime.loss(trained, batch)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # a no-op without fp16 scaling
         if cfg.clip_grad is not None:
-            scaler.unscale_(optimizer)
             metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+        else:
+            metrics["grad_norm"] = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         read = torch.stack([v.detach().float() for v in (loss, *metrics.values())]).tolist()  # the step's one sync
         values = dict(zip(["loss", *metrics], read, strict=True))
-        if any_rank(dist, not math.isfinite(values["loss"])):  # before the update: the weights stay good
-            bar.close()
-            where = f"step {saved_step} in {checkpoint_path}" if saved_step is not None else "none written yet"
-            raise TrainingDiverged(
-                f"the loss became {values['loss']} at step {step + 1}; training stopped. Last good checkpoint: "
-                f"{where}. Lower train.lr, raise train.warmup_steps or set train.clip_grad."
-            )
+        # an infinite gradient under fp16 is the scaler's business (it skips the step and lowers the scale)
+        bad_grad = not math.isfinite(values["grad_norm"]) and not scaler.is_enabled()
+        if any_rank(dist, not math.isfinite(values["loss"]) or bad_grad):  # before the update: the weights stay good
+            what = "loss" if not math.isfinite(values["loss"]) else "gradient norm"
+            raise diverged(f"the {what} became {values['loss' if what == 'loss' else 'grad_norm']} at step {step + 1}")
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
@@ -276,22 +380,51 @@ def fit(
             checkpoint()
     bar.close()
     model.eval()
-    results = _final_results(model, regime, state, run_dir, placement) if dist.is_main else {}
+    results = _final_results(model, regime, state, run_dir, placement, say) if dist.is_main else {}
     if log is not None:
         log.close()
     barrier(dist)
     return results
 
 
+def announcer(progress: bool, dist: Dist):
+    """A line for the person watching (main rank only): above the progress bar, or plain when there is none."""
+
+    def say(line: str) -> None:
+        if not dist.is_main:
+            return
+        if progress:
+            tqdm.write(line)
+        else:
+            print(line, flush=True)
+
+    return say
+
+
+def _finished_results(run_dir: Path, steps: int) -> dict[str, Any] | None:
+    """The results a run wrote when it finished ``steps`` steps, if it did."""
+    path = run_dir / RESULTS
+    if not path.is_file():
+        return None
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None  # written again below
+    return results if results.get("steps") == steps else None
+
+
 def _final_results(
-    model: AdaptedModel, regime: Regime, state: LoopState, run_dir: Path, placement: Placement
+    model: AdaptedModel, regime: Regime, state: LoopState, run_dir: Path, placement: Placement, say
 ) -> dict[str, Any]:
     """Test metrics of the last and of the best-on-validation weights; writes final/ and results.json."""
     model.save(run_dir / "final")
+    say("evaluating the last and the best-on-validation adapters on test")
     with torch.inference_mode(), placement.autocast():
         last = {"val": state.last_val, "test": regime.evaluate(model, "test")}
+        say(f"test (last, step {state.step}): {summary(last['test'], regime.selection_metric)}")
         load_tensors(model, run_dir / "best")
         best = {"val": regime.evaluate(model, "val"), "test": regime.evaluate(model, "test")}
+        say(f"test (best, step {state.best_step}): {summary(best['test'], regime.selection_metric)}")
         load_tensors(model, run_dir / "final")
     results = {
         "method": model.method_name,
@@ -303,8 +436,5 @@ def _final_results(
         "last": last,
         "best": best,
     }
-    path = run_dir / RESULTS
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(run_dir / RESULTS, lambda tmp: Path(tmp).write_text(dumps(results, indent=2) + "\n"))
     return results

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,21 +16,23 @@ import yaml
 from timm.models.swin_transformer import SwinTransformer
 
 from .. import api
-from ..config import EXECUTION_KEYS, ConfigError, RunConfig, dump_config, from_dict
+from ..config import RESUMABLE_KEYS, ConfigError, RunConfig, dump_config, from_dict
 from ..core.model import AdaptedModel
+from ..core.state import atomic_write
 from ..data import DomainData, SourceMissingError
 from ..data.dense import TASK_OUTPUTS
 from ..data.domains import DENSE_DOMAINS, PARTS, dense_target_fn, domain_classes, domain_parts
 from ..eval.report import PREDICTIONS
 from ..methods import make_config
-from ..models import FrameWise, create_backbone, write_zoo_entry, zoo_entries
+from ..models import FrameWise, create_backbone, describe_backbone, write_zoo_entry, zoo_dir, zoo_entries
 from ..models.dense import SwinPyramid, TimmPyramid
 from .dist import Dist, init_from_env, shutdown
-from .loop import fit
+from .loop import CHECKPOINT, announcer, fit
 from .placement import Placement, hold_frozen, resolve_device
 from .regimes import MultiDomainRegime, MultiTaskRegime
 
 CONFIG_FILE = "config.yaml"
+LOCK_FILE = ".lock"
 
 
 def build_backbone(config: RunConfig, *, load_weights: bool = True) -> torch.nn.Module:
@@ -43,12 +50,23 @@ def build_model(config: RunConfig, *, load_weights: bool = True) -> AdaptedModel
     """Backbone + method + one head per domain, as the config says (no data needed), on the CPU in fp32:
     the backbone's fingerprint is taken there, before :func:`place` moves and casts it."""
     method = make_config(config.method_name, **config.method_kwargs())
-    backbone = build_backbone(config, load_weights=load_weights)
     if config.train.regime == "multitask":
-        heads = {t: TASK_OUTPUTS[t] for t in config.data.tasks}
-        return api.wrap(backbone, method, heads=heads, head={"kind": "dense", "out_size": config.backbone.img_size})
-    heads = {d: domain_classes(d) for d in config.data.domains}
-    return api.wrap(backbone, method, heads=heads)
+        heads, head = (
+            {t: TASK_OUTPUTS[t] for t in config.data.tasks},
+            {"kind": "dense", "out_size": config.backbone.img_size},
+        )
+    else:
+        try:
+            heads, head = {d: domain_classes(d) for d in config.data.domains}, None
+        except ValueError as err:  # an unknown source, a malformed name: the config's fault
+            raise ConfigError(f"data.domains: {err}") from err
+    backbone = build_backbone(config, load_weights=load_weights)
+    try:
+        model = api.wrap(backbone, method, heads=heads, head=head)
+    except ValueError as err:  # targets matching nothing, a rank the layers cannot hold, …
+        raise ConfigError(f"method: {err}") from err
+    model.backbone_info["source"] = describe_backbone(config.backbone)  # named by errors about this backbone
+    return model
 
 
 def place(model: AdaptedModel, config: RunConfig, device: torch.device) -> AdaptedModel:
@@ -75,6 +93,7 @@ def domain_splits(config: RunConfig) -> dict[str, list[DomainData]]:
                 frames=data.frames,
                 augment=data.augment,
                 class_balance=data.class_balance,
+                skip_unreadable=data.skip_unreadable,
             )
         except SourceMissingError:
             raise
@@ -135,21 +154,63 @@ def build_regime(config: RunConfig, dist: Dist) -> MultiDomainRegime | MultiTask
     )
 
 
-def prepare_run_dir(config: RunConfig, dist: Dist) -> Path:
-    """Create the run directory, or check that an existing one holds this very config (resume)."""
+def check_run_dir(config: RunConfig) -> None:
+    """A run directory that holds a started run (a checkpoint) must hold this run's recipe: a run is known by
+    its recipe, not by where it lies; refusing another recipe names every key that differs."""
     run_dir = Path(config.output.dir)
-    text = dump_config(config)
     saved = run_dir / CONFIG_FILE
-    if saved.exists():
-        if _recipe(_normalised(yaml.safe_load(saved.read_text()))) != _recipe(yaml.safe_load(text)):
+    if not (run_dir / CHECKPOINT).exists():
+        return  # nothing started here yet: this config is the run's
+    if not saved.is_file():
+        raise ConfigError(f"{run_dir} holds a checkpoint but no {CONFIG_FILE}: restore it or choose another output.dir")
+    try:
+        before = _normalised(yaml.safe_load(saved.read_text()))
+    except yaml.YAMLError as err:
+        raise ConfigError(
+            f"{saved} is corrupted (not valid YAML: {err}); restore it or choose another output.dir"
+        ) from err
+    differing = _differences(_recipe(before), _recipe(yaml.safe_load(dump_config(config))))
+    if differing:
+        shown = "; ".join(differing[:6]) + (" …" if len(differing) > 6 else "")
+        raise ConfigError(
+            f"{run_dir} holds a run with another recipe ({shown}); resume it with its own, or choose another "
+            "output.dir (e.g. --set output.dir=runs/new)"
+        )
+
+
+def _differences(before: Any, now: Any, prefix: str = "") -> list[str]:
+    """``key: old → new`` for every dotted key whose value differs."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        keys = sorted(set(before) | set(now), key=str)
+        return [d for k in keys for d in _differences(before.get(k), now.get(k), f"{prefix}{k}.")]
+    return [] if before == now else [f"{prefix.rstrip('.')}: {before!r} → {now!r}"]
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, dist: Dist) -> Iterator[None]:
+    """Hold the run directory for this process (the main rank): a second process writing into it would
+    interleave logs and overwrite checkpoints.  The operating system drops the lock when the process
+    ends, however it ends."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"output.dir {run_dir} is a file, not a directory: choose another output.dir")
+    if not dist.is_main:
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / LOCK_FILE).open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
             raise ConfigError(
-                f"{run_dir} already holds a run with a different config; resume with the same config "
-                "or choose another output.dir (e.g. --set output.dir=runs/new)"
-            )
-    elif dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        saved.write_text(text)
-    return run_dir
+                f"{run_dir} is in use by {holder}: wait for it to end, or choose another output.dir"
+            ) from err
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        yield
 
 
 def _normalised(raw: Any) -> Any:
@@ -162,15 +223,13 @@ def _normalised(raw: Any) -> Any:
 
 
 def _recipe(raw: dict) -> dict:
-    """A config without its execution-only keys (:data:`~loraplex.config.EXECUTION_KEYS`): a run may resume
-    with another thread count, on another device, compiled or not, with more or fewer data workers."""
-    return {
-        **raw,
-        **{
-            section: {k: v for k, v in raw[section].items() if k not in keys}
-            for section, keys in EXECUTION_KEYS.items()
-        },
-    }
+    """A config without the keys a run may change when it resumes (:data:`~loraplex.config.RESUMABLE_KEYS`):
+    threads, device, compile, workers, where it is written, and how many steps it trains."""
+    recipe = {}
+    for section, values in raw.items():
+        free = RESUMABLE_KEYS.get(section, ())
+        recipe[section] = {} if free == "*" else {k: v for k, v in values.items() if k not in free}
+    return recipe
 
 
 def train(config: RunConfig, *, progress: bool = True) -> dict[str, Any]:
@@ -179,36 +238,53 @@ def train(config: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     try:
         if config.train.threads:
             torch.set_num_threads(config.train.threads)
-        torch.manual_seed(config.train.seed)  # adapter and head initialisation
-        model = place(build_model(config), config, dist.device)
-        regime = build_regime(config, dist)
-        run_dir = prepare_run_dir(config, dist)
-        try:
-            results = fit(
-                model,
-                regime,
-                config.train,
-                run_dir,
-                dist=dist,
-                tensorboard=config.output.tensorboard,
-                progress=progress,
-            )
-        finally:
-            regime.close()
-        if results and isinstance(regime, MultiTaskRegime):  # rank 0: what the best model predicts, for the report
-            _, best = load_run(run_dir, "best", dist.device)
-            (run_dir / PREDICTIONS).write_bytes(regime.prediction_figure(best))
+        say = announcer(progress, dist)
+        run_dir = Path(config.output.dir)
+        with run_lock(run_dir, dist):
+            check_run_dir(config)
+            say(f"loraplex: {config.method_name} on {', '.join(config.data.domains)} · backbone {config.backbone.name}"
+                f" · {dist.device} {config.train.precision} · {run_dir}")  # fmt: skip
+            torch.manual_seed(config.train.seed)  # adapter and head initialisation
+            model = place(build_model(config), config, dist.device)
+            p = api.count_parameters(model)
+            say(f"model built: {p['trainable']:,} trainable parameters of {p['total']:,}; reading the data")
+            regime = build_regime(config, dist)
+            if dist.is_main:  # the run directory's config is this invocation's (threads, device, steps may change)
+                atomic_write(run_dir / CONFIG_FILE, lambda tmp: Path(tmp).write_text(dump_config(config)))
+            try:
+                results = fit(
+                    model,
+                    regime,
+                    config.train,
+                    run_dir,
+                    dist=dist,
+                    tensorboard=config.output.tensorboard,
+                    progress=progress,
+                )
+            finally:
+                regime.close()
+            if results and isinstance(regime, MultiTaskRegime):  # rank 0: the best model's predictions, for the report
+                _, best = load_run(run_dir, "best", dist.device)
+                (run_dir / PREDICTIONS).write_bytes(regime.prediction_figure(best))
         return results
     finally:
         shutdown(dist)
 
 
-def pretrain(config: RunConfig, *, progress: bool = True) -> Path | None:
+def pretrain(config: RunConfig, *, progress: bool = True, overwrite: bool = False) -> Path | None:
     """Train a backbone (``method: full_finetune`` on pre-training sources, one head each) and write
-    it to the zoo as ``output.zoo_name`` with its recipe and a training summary; None on ranks > 0."""
+    it to the zoo as ``output.zoo_name`` with its recipe and a training summary; None on ranks > 0.
+
+    An existing zoo entry is replaced only with ``overwrite``: runs trained on it would then refuse to load
+    (their fingerprint names the entry)."""
     name = config.output.zoo_name
     if not name:
         raise ConfigError("output.zoo_name must name the zoo entry that `loraplex pretrain` writes")
+    if name in zoo_entries() and not overwrite:
+        raise ConfigError(
+            f"zoo entry {name!r} exists ({zoo_dir() / name}.json): set output.zoo_name to a new name, or pass "
+            "--overwrite to replace it (runs trained on it will then refuse to load)"
+        )
     if config.method_name != "full_finetune":
         raise ConfigError(f"pre-training trains the whole backbone: method.name must be full_finetune, not "
                           f"{config.method_name!r}")  # fmt: skip
@@ -239,7 +315,10 @@ def read_run_config(run_dir: str | Path) -> RunConfig:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a run directory: {CONFIG_FILE} is missing")
-    return from_dict(yaml.safe_load(path.read_text()))
+    try:
+        return from_dict(yaml.safe_load(path.read_text()))
+    except (yaml.YAMLError, ConfigError) as err:
+        raise ConfigError(f"{path} is corrupted or from an incompatible version: {err}") from err
 
 
 def load_run(
