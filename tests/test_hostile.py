@@ -132,6 +132,7 @@ def test_run_directory_mistakes_are_named(run, tmp_path, capsys):
     fails(capsys, ["eval", str(run)], "config.yaml is corrupted")
     fails(capsys, ["report", str(tmp_path / "missing"), "--out", str(tmp_path / "r")], "missing")
     fails(capsys, ["eval", str(tmp_path / "missing")], "not a run directory")
+    fails(capsys, ["export", str(tmp_path / "missing"), "--task", "mnist"], "not a run directory")
 
 
 def test_export_mistakes_are_named(run, capsys):
