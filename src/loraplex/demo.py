@@ -10,7 +10,6 @@ the per-domain table beside logistic regression on raw pixels, checks the engine
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
 import torch
@@ -39,7 +38,7 @@ def engine_checks(run_dir: Path, splits: dict, img_size: int) -> list[str]:
         lines.append(f"merged vs unmerged logits ({domain.name}): max |diff| {(merged - logits).abs().max():.1e}")
         _, again = load_run(run_dir, "best")
         lines.append(f"reloaded adapters give identical logits: {torch.equal(again(x, task=domain.name), logits)}")
-        out = Path(tempfile.mkdtemp(prefix="loraplex-peft-"))
+        out = run_dir / f"peft-{domain.name}"  # where `loraplex export` puts it too
         lp.export_peft(model, out, task=domain.name)
         try:
             import peft
