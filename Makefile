@@ -4,8 +4,10 @@ PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
-# Debian packages with real data (Fashion-MNIST IDX files); installed when missing and we are root.
-DEB_PACKAGES := dataset-fashion-mnist
+# Debian packages with real data, installed when missing and we are root: Fashion-MNIST IDX files; the
+# pre-training sources and their held-out downstream sets (clip art, colour emoji + Unicode's emoji list, icon themes).
+DEB_PACKAGES := dataset-fashion-mnist openclipart-png fonts-noto-color-emoji unicode-data \
+                oxygen-icon-theme gnome-icon-theme mate-icon-theme
 
 .PHONY: demo test lint bench system-data clean-venv
 

@@ -8,6 +8,10 @@ are merged into their top-level category, and what is still too small is dropped
 unbalanced: 21 to 1,853 images, ``computer/icons`` and ``shapes/stars`` 1,378 being the giants);
 ``level=1`` gives 19 top-level categories over 8,095 images.
 
+Ten sub-categories of everyday things are held out of pre-training for downstream use
+(:data:`HELD_OUT`, 757 images from 34 to 126 each): ``clipart-seen`` is the other 51 classes, ``clipart-held``
+those ten; ``clipart`` (what the first zoo backbones saw) is all 61.
+
 Images are composited onto white (clip art is dark-on-light; the objective's random inversion covers
 the light-on-dark benchmarks), fitted into a square with the aspect ratio kept, and stored as uint8.
 """
@@ -19,10 +23,35 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CLIPART_ROOT", "ClipartMissingError", "list_clipart", "load_clipart"]
+__all__ = ["CLIPART_ROOT", "HELD_OUT", "ClipartMissingError", "clipart_part", "list_clipart", "load_clipart"]
 
 CLIPART_ROOT = Path("/usr/share/openclipart/png")
 _INSTALL = "apt-get update && apt-get install -y openclipart-png"
+
+
+HELD_OUT = (
+    "animals/birds", "animals/mammals", "food/desserts", "food/fruit", "people/clothing",
+    "plants/flowers", "recreation/music", "recreation/sports", "tools", "transportation/vehicles",
+)  # fmt: skip
+"""Classes a downstream task could ask about, 30+ images each, never shown to a ``clipart-seen`` backbone."""
+
+
+def clipart_part(labels: np.ndarray, classes: list[str], part: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(positions, relabelled labels, class names) of one part of the default 61 classes: ``all``, ``seen`` or
+    ``held`` (:data:`HELD_OUT`)."""
+    if part not in ("all", "seen", "held"):
+        raise ValueError(f"clip-art part must be all, seen or held, not {part!r}")
+    if part == "all":
+        return np.arange(len(labels)), labels, classes
+    missing = sorted(set(HELD_OUT) - set(classes))
+    if missing:
+        raise ValueError(f"clip-art classes {missing} are held out but not among this collection's classes")
+    chosen = [c for c in classes if (c in HELD_OUT) == (part == "held")]
+    old = np.array([classes.index(c) for c in chosen])
+    remap = np.full(len(classes), -1, dtype=np.int64)
+    remap[old] = np.arange(len(chosen))
+    positions = np.flatnonzero(remap[labels] >= 0)
+    return positions, remap[labels[positions]], chosen
 
 
 class ClipartMissingError(FileNotFoundError):

@@ -54,7 +54,20 @@ KNOWN_CLASSES: dict[str, int] = {
 
 FOLDER_PREFIX = "folder:"
 FOLDER_HINT = ": put each class's images in its own subdirectory"
-LOADABLE = ("fashion", "mnist", "digits", "clipart", "fractals[:<classes>x<per_class>]", "folder:<path>")
+PARTED = ("clipart", "emoji")
+"""Pre-training sources with a held-out part: ``<name>`` is all of it, ``<name>-seen`` what pre-training may use,
+``<name>-held`` the downstream part (other classes, never shown to a ``-seen`` backbone)."""
+PARTS = {"": "all", "-seen": "seen", "-held": "held"}
+LOADABLE = (
+    "fashion",
+    "mnist",
+    "digits",
+    "clipart[-seen|-held]",
+    "emoji[-seen|-held]",
+    "icons",
+    "fractals[:<classes>x<per_class>]",
+    "folder:<path>",
+)
 PRETRAIN_SIZE = 64  # pre-training sources are rendered at 64 px; augmentation crops them down
 
 # IDX type codes (http://yann.lecun.com/exdb/mnist/): multi-byte values are big-endian.
@@ -122,8 +135,13 @@ def load_source(name: str, root: str | None = None, *, size: int | None = None, 
         return _load_mnist()
     if name == "digits":
         return _load_digits()
-    if name == "clipart":
-        return _load_clipart(root)
+    stem, part = _parted(name)
+    if stem == "clipart":
+        return _load_clipart(root, part, name)
+    if stem == "emoji":
+        return _load_emoji(part, name)
+    if name == "icons":
+        return _load_icons(root)
     if name == "fractals" or name.startswith("fractals:"):
         return _load_fractals(name)
     if name.startswith(FOLDER_PREFIX):
@@ -440,10 +458,19 @@ def _cache_dir() -> Path:
     return Path(DOWNLOAD_ROOT).expanduser()
 
 
-def _load_clipart(root: str | None) -> ImageSource:
-    """Debian's openclipart-png (no benchmark uses it), 61 sub-categories, 64 px grey on white; the
-    decoded arrays are cached, since decoding 8,000 PNGs takes minutes."""
-    from .clipart import CLIPART_ROOT, ClipartMissingError, load_clipart
+def _parted(name: str) -> tuple[str, str]:
+    """``("emoji", "held")`` for ``emoji-held``; names of other sources come back with part ``""``."""
+    for suffix, part in PARTS.items():
+        stem = name.removesuffix(suffix) if suffix else name
+        if stem in PARTED and (not suffix or name.endswith(suffix)):
+            return stem, part
+    return name, ""
+
+
+def _load_clipart(root: str | None, part: str, name: str) -> ImageSource:
+    """Debian's openclipart-png (no benchmark uses it), 61 sub-categories or one part of them (see
+    :mod:`.clipart`), 64 px grey on white; the decoded arrays are cached, since decoding 8,000 PNGs takes minutes."""
+    from .clipart import CLIPART_ROOT, ClipartMissingError, clipart_part, load_clipart
 
     directory = Path(root or CLIPART_ROOT).resolve()
     key = hashlib.sha1(str(directory).encode()).hexdigest()[:10]  # a cache per source directory
@@ -453,7 +480,33 @@ def _load_clipart(root: str | None) -> ImageSource:
         )
     except ClipartMissingError as err:
         raise SourceMissingError(str(err)) from err
-    return ImageSource("clipart", torch.from_numpy(images), torch.from_numpy(labels), classes)
+    positions, labels, classes = clipart_part(labels, classes, part)
+    return ImageSource(name, torch.from_numpy(images[positions]), torch.from_numpy(labels), classes)
+
+
+def _load_emoji(part: str, name: str) -> ImageSource:
+    """Noto colour emoji by Unicode sub-group or group (see :mod:`.emoji`), 64 px RGB on white, rendered once."""
+    from .emoji import EmojiMissingError, load_emoji
+
+    try:
+        images, labels, classes = load_emoji(part, PRETRAIN_SIZE, cache=_cache_dir() / f"emoji-{PRETRAIN_SIZE}.npz")
+    except EmojiMissingError as err:
+        raise SourceMissingError(str(err)) from err
+    return ImageSource(name, torch.from_numpy(images), torch.from_numpy(labels), classes)
+
+
+def _load_icons(root: str | None) -> ImageSource:
+    """Three Debian icon themes by icon context (see :mod:`.icons`), 64 px RGB on white, decoded once."""
+    from .icons import ICON_ROOT, IconsMissingError, load_icons
+
+    directory = Path(root or ICON_ROOT).resolve()
+    key = hashlib.sha1(str(directory).encode()).hexdigest()[:10]
+    try:
+        cache = _cache_dir() / f"icons-{PRETRAIN_SIZE}-{key}.npz"
+        images, labels, classes = load_icons(PRETRAIN_SIZE, directory, cache=cache)
+    except IconsMissingError as err:
+        raise SourceMissingError(str(err)) from err
+    return ImageSource("icons", torch.from_numpy(images), torch.from_numpy(labels), classes)
 
 
 def _load_fractals(name: str) -> ImageSource:
