@@ -45,6 +45,12 @@ def cnn_floor(**backbone: Any) -> Row:
     )
 
 
+DOWNSTREAM = {"fashion": (1000, 200, 2000), "mnist": (1000, 200, 2000), "emoji-held": (400, 100, 371),
+              "clipart-held": (400, 100, 257)}  # fmt: skip
+"""(train, val, test) images of each downstream set of the backbone benchmarks: fashion-1k and mnist-1k, and the
+held-out parts of the pre-training sources (emoji sub-groups, clip-art categories no ``-seen`` backbone saw),
+which are small (871 and 757 images), so test takes all that training and validation leave."""
+
 LORA_LR = {"train": {"lr": 2e-3}}
 PAPER_TARGETS = ["attn.qkv"]  # seed 000 adapts the fused qkv of every block
 

@@ -9,8 +9,8 @@ from PIL import Image
 
 from loraplex.data import SourceMissingError, load_source
 from loraplex.data.augment import Augment
-from loraplex.data.clipart import list_clipart, load_clipart
 from loraplex.data.fractals import default_sigma_range, make_fractal_dataset, sample_systems, sigma_factor
+from loraplex.data.sources.clipart import list_clipart, load_clipart
 
 
 def test_fractal_systems_hit_their_sigma_range_and_render_deterministically(tmp_path):

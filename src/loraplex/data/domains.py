@@ -1,11 +1,12 @@
 """From a domain name in a run config to its train / val / test :class:`DomainData`.
 
-Five kinds of domain, told apart by name:
+Five kinds of domain, told apart by name once per name (:func:`domain_kind` picks the first of :data:`KINDS` that
+takes it; each kind says whether it is clips, its class count, how its parts are built and its dense targets):
 
-* an image source (``fashion``, ``mnist``, ``digits``, ``folder:<path>`` …, see :mod:`.sources`); a folder is
-  split from its labels alone and its parts decode their files on demand, at the run's input size.  The path
-  may be relative (to the current directory), start with ``~``, contain dots; every file is checked to be
-  readable first (:func:`~.sources.readable_folder`);
+* an image source (``fashion``, ``mnist``, ``digits``, ``folder:<path>`` …, see :mod:`.sources`); a folder (a kind
+  of its own in :data:`KINDS`) is split from its labels alone and its parts decode their files on demand, at the
+  run's input size.  The path may be relative (to the current directory), start with ``~``, contain dots; every
+  file is checked to be readable first (:func:`~.sources.readable_folder`);
 * ``motion:<image source>`` — the offline video benchmark (benchmarks.md #2): clips in which an image
   of the source moves along one of :data:`~.motion.PATTERNS`, the pattern being the class.  The
   source's images are split first (stratified), and each part's clips are made from that part's images
@@ -30,6 +31,10 @@ a motion means (a flipped left-to-right clip is a right-to-left one).
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -59,22 +64,50 @@ TEST_LIST = {"ucf101": "test", "hmdb51": "test", "kinetics400": "val"}
 
 SCENES = "scenes"
 PASCAL = PASCAL_NAME
-DENSE_DOMAINS = (SCENES, PASCAL)
 SCENE_SOURCES = (("fashion", 1), ("mnist", 11))  # item source, its first semseg class id
+
+Counts = dict[str, int | float | None]
+
+
+@dataclass(frozen=True)
+class Ask:
+    """What :func:`domain_parts` was asked, for a kind's parts builder."""
+
+    name: str
+    root: str | None
+    seed: int
+    counts: Counts
+    size: int
+    frames: int | None
+    augment: bool
+    class_balance: float
+    skip_unreadable: bool
+
+
+@dataclass(frozen=True)
+class DomainKind:
+    """One kind of domain: which names it takes, whether its samples are clips, its class count (None: a dense
+    multi-task dataset, whose ``targets`` are how packed targets unpack into one task's and the tasks it has), and
+    how its train / val / test parts are built."""
+
+    name: str
+    takes: Callable[[str], bool]
+    parts: Callable[[Ask], dict[str, DomainData]]
+    classes: Callable[[str], int] | None = None
+    clips: bool = False
+    targets: tuple[Callable, tuple[str, ...]] | None = None
 
 
 def is_clip_domain(name: str) -> bool:
-    return name.startswith(MOTION_PREFIX) or _layout(name)[0] in LAYOUTS
+    return domain_kind(name).clips
 
 
 def domain_classes(name: str) -> int:
     """Class count of a domain without loading its data when the name tells it."""
-    if name.startswith(MOTION_PREFIX):
-        return len(PATTERNS)
-    layout = _layout(name)[0]
-    if layout in LAYOUTS:
-        return KNOWN_CLASSES[layout]
-    return num_classes(name)
+    kind = domain_kind(name)
+    if kind.classes is None:
+        raise ValueError(f"{name!r} is a dense multi-task dataset: its heads are per task, not per class")
+    return kind.classes(name)
 
 
 def domain_parts(
@@ -96,44 +129,49 @@ def domain_parts(
     Training images are kept at twice ``size`` when ``augment`` is on, so random crops keep their detail.
     ``skip_unreadable`` (``data.skip_unreadable``) leaves out the image files and video clips that cannot be read
     instead of stopping at the first with a :class:`~.sources.DataError`; it has no effect on other sources."""
-    clip = is_clip_domain(name)
-    if clip and frames is None:
+    kind = domain_kind(name)
+    if kind.clips and frames is None:
         raise ValueError(f"domain {name!r} is made of clips: set data.frames (e.g. 8)")
-    if not clip and frames is not None:
+    if not kind.clips and frames is not None:
         raise ValueError(
             f"data.frames is set but domain {name!r} is an image source; use motion:{name} for moving-image clips"
         )
-    if clip and augment:
+    if kind.clips and augment:
         raise ValueError("data.augment is for images: flips and crops change what a clip's motion means")
     counts = {"train": train, "val": val, "test": test}
-    if name == SCENES:
-        return _scene_parts(seed, counts, size)
-    if name == PASCAL:
-        return _pascal_parts(root, seed, counts, size)
-    if name.startswith(MOTION_PREFIX):
-        return _motion_parts(name, root, seed, counts, size, frames)
-    if clip:
-        return _video_parts(name, root, seed, counts, size, frames, skip_unreadable)
-    if name.startswith(FOLDER_PREFIX):
-        classes, paths, labels = readable_folder(name.removeprefix(FOLDER_PREFIX), skip_unreadable=skip_unreadable)
-        source = ImageSource(name, torch.empty(0, dtype=torch.uint8), labels, classes)  # labels suffice to split
+    return kind.parts(Ask(name, root, seed, counts, size, frames, augment, class_balance, skip_unreadable))
 
-        def part_domain(index: torch.Tensor, size: int) -> DomainData:
-            return FolderDomain(name, [paths[i] for i in index.tolist()], labels[index], len(classes), size)
 
-    else:
-        source = load_source(name, root=root)
+def _image_parts(ask: Ask) -> dict[str, DomainData]:
+    source = load_source(ask.name, root=ask.root)
 
-        def part_domain(index: torch.Tensor, size: int) -> DomainData:
-            return DomainData(name, source.images[index], source.labels[index], len(source.classes)).resized(size)
+    def part_domain(index: torch.Tensor, size: int) -> DomainData:
+        return DomainData(ask.name, source.images[index], source.labels[index], len(source.classes)).resized(size)
 
-    parts = split(source, seed=seed, **counts)
+    return _split_parts(ask, source, part_domain)
+
+
+def _folder_parts(ask: Ask) -> dict[str, DomainData]:
+    spec = ask.name.removeprefix(FOLDER_PREFIX)
+    classes, paths, labels = readable_folder(spec, skip_unreadable=ask.skip_unreadable)
+    source = ImageSource(ask.name, torch.empty(0, dtype=torch.uint8), labels, classes)  # labels suffice to split
+
+    def part_domain(index: torch.Tensor, size: int) -> DomainData:
+        return FolderDomain(ask.name, [paths[i] for i in index.tolist()], labels[index], len(classes), size)
+
+    return _split_parts(ask, source, part_domain)
+
+
+def _split_parts(
+    ask: Ask, source: ImageSource, part_domain: Callable[[torch.Tensor, int], DomainData]
+) -> dict[str, DomainData]:
+    parts = split(source, seed=ask.seed, **ask.counts)
     out = {}
     for part in PARTS:
         index = getattr(parts, part)
-        if part == "train" and class_balance > 0:
-            index = index[class_balanced(source.labels[index], class_balance)]
-        out[part] = part_domain(index, 2 * size if part == "train" and augment else size)
+        if part == "train" and ask.class_balance > 0:
+            index = index[class_balanced(source.labels[index], ask.class_balance)]
+        out[part] = part_domain(index, 2 * ask.size if part == "train" and ask.augment else ask.size)
     return out
 
 
@@ -141,40 +179,42 @@ def _part_seed(seed: int, part: int) -> int:
     return int(np.random.SeedSequence((seed, part)).generate_state(1)[0])
 
 
-def _motion_parts(
-    name: str, root: str | None, seed: int, counts: dict[str, int | float | None], size: int, frames: int
-) -> dict[str, DomainData]:
-    source = load_source(name.removeprefix(MOTION_PREFIX), root=root)
+def _motion_parts(ask: Ask) -> dict[str, DomainData]:
+    source = load_source(ask.name.removeprefix(MOTION_PREFIX), root=ask.root)
     if source.images.dim() != 3:
-        raise ValueError(f"{name}: motion clips move grey images, and {source.name} is RGB")
-    parts = split(source, seed=seed, **counts)
+        raise ValueError(f"{ask.name}: motion clips move grey images, and {source.name} is RGB")
+    parts = split(source, seed=ask.seed, **ask.counts)
     out = {}
     for k, part in enumerate(PARTS):
         index = getattr(parts, part)
         clips = motion_clips(
-            source.images[index], len(index), frames=frames, canvas=size, item=size // 2, seed=_part_seed(seed, k)
+            source.images[index],
+            len(index),
+            frames=ask.frames,
+            canvas=ask.size,
+            item=ask.size // 2,
+            seed=_part_seed(ask.seed, k),
         )
-        out[part] = DomainData(name, clips.clips, clips.labels, len(PATTERNS), frames)
+        out[part] = DomainData(ask.name, clips.clips, clips.labels, len(PATTERNS), ask.frames)
     return out
 
 
-def _scene_parts(seed: int, counts: dict[str, int | float | None], size: int) -> dict[str, DomainData]:
+def _scene_parts(ask: Ask) -> dict[str, DomainData]:
+    counts = ask.counts
     if any(counts[part] is None or isinstance(counts[part], float) for part in PARTS):
         raise ValueError("scenes are generated: give data.train_per_domain, val_per_domain, test_per_domain as counts")
     sources = [(load_source(name), first) for name, first in SCENE_SOURCES]
-    splits = [(source, first, split(source, seed=seed, **counts)) for source, first in sources]
+    splits = [(source, first, split(source, seed=ask.seed, **counts)) for source, first in sources]
     out = {}
     for k, part in enumerate(PARTS):
         pools = [(src.images[getattr(s, part)], src.labels[getattr(s, part)] + first) for src, first, s in splits]
-        scenes = dense_scenes(pools, int(counts[part]), size=size, seed=_part_seed(seed, k))
+        scenes = dense_scenes(pools, int(counts[part]), size=ask.size, seed=_part_seed(ask.seed, k))
         out[part] = DomainData(SCENES, scenes.images, scenes.targets, 0)
     return out
 
 
-Counts = dict[str, int | float | None]
-
-
-def _pascal_parts(root: str | None, seed: int, counts: Counts, size: int) -> dict[str, DomainData]:
+def _pascal_parts(ask: Ask) -> dict[str, DomainData]:
+    root, counts, size = ask.root, ask.counts, ask.size
     if root is None:
         raise SourceMissingError(
             f"{PASCAL} reads PASCAL_MT from disk: set data.roots.{PASCAL} "
@@ -186,22 +226,13 @@ def _pascal_parts(root: str | None, seed: int, counts: Counts, size: int) -> dic
     if n_train + n_val > pool:
         raise ValueError(f"asked for {n_train} train + {n_val} val images of {PASCAL}; its train list has {pool}")
     ids = pascal_ids(root, "train")
-    order = np.random.default_rng(seed).permutation(pool)
+    order = np.random.default_rng(ask.seed).permutation(pool)
     val_rows, train_rows = np.sort(order[:n_val]), np.sort(order[n_val : n_val + n_train])
     return {
         "train": PascalDomain(root, [ids[r] for r in train_rows], size),
         "val": PascalDomain(root, [ids[r] for r in val_rows], size),
         "test": pascal_domain(root, "val", size, limit=counts["test"]),
     }
-
-
-def dense_target_fn(name: str):
-    """How a dense domain's packed targets unpack into one task's target, and the tasks it has."""
-    if name == SCENES:
-        return scene_target, SCENE_TASKS
-    if name == PASCAL:
-        return pascal_target, PASCAL_TASKS
-    raise ValueError(f"{name!r} is not a dense multi-task dataset; use one of {list(DENSE_DOMAINS)}")
 
 
 def _layout(name: str) -> tuple[str, int]:
@@ -214,15 +245,8 @@ def _layout(name: str) -> tuple[str, int]:
     return layout, int(fold or 1)
 
 
-def _video_parts(
-    name: str,
-    root: str | None,
-    seed: int,
-    counts: dict[str, int | float | None],
-    size: int,
-    frames: int,
-    skip_unreadable: bool,
-) -> dict[str, DomainData]:
+def _video_parts(ask: Ask) -> dict[str, DomainData]:
+    name, root = ask.name, ask.root
     layout, fold = _layout(name)
     if root is None:
         raise SourceMissingError(
@@ -236,12 +260,44 @@ def _video_parts(
     listed = VideoList(
         name, train_list.paths + test_list.paths, train_list.labels + test_list.labels, train_list.classes
     )
-    videos, kept = readable_videos(listed, skip_unreadable=skip_unreadable)
+    videos, kept = readable_videos(listed, skip_unreadable=ask.skip_unreadable)
     labels = torch.tensor(videos.labels, dtype=torch.int64)
     official_test = torch.tensor(kept, dtype=torch.int64) >= len(train_list)
     as_source = ImageSource(name, torch.empty(0, dtype=torch.uint8), labels, videos.classes, official_test)
-    parts: Splits = split(as_source, seed=seed, **counts)
+    parts: Splits = split(as_source, seed=ask.seed, **ask.counts)
     return {
-        part: VideoDomain(name, videos, getattr(parts, part).tolist(), frames=frames, size=size, seed=seed)
+        part: VideoDomain(name, videos, getattr(parts, part).tolist(), frames=ask.frames, size=ask.size, seed=ask.seed)
         for part in PARTS
     }
+
+
+def _video_classes(name: str) -> int:
+    return KNOWN_CLASSES[_layout(name)[0]]
+
+
+KINDS = (
+    DomainKind(SCENES, lambda name: name == SCENES, _scene_parts, targets=(scene_target, SCENE_TASKS)),
+    DomainKind(PASCAL, lambda name: name == PASCAL, _pascal_parts, targets=(pascal_target, PASCAL_TASKS)),
+    DomainKind(
+        "motion", lambda name: name.startswith(MOTION_PREFIX), _motion_parts, lambda _: len(PATTERNS), clips=True
+    ),
+    DomainKind("video", lambda name: _layout(name)[0] in LAYOUTS, _video_parts, _video_classes, clips=True),
+    DomainKind("folder", lambda name: name.startswith(FOLDER_PREFIX), _folder_parts, num_classes),
+    DomainKind("image source", lambda name: True, _image_parts, num_classes),
+)
+"""In the order names are tried: the first kind that takes a name is its kind (any other name is an image source)."""
+DENSE_DOMAINS = tuple(kind.name for kind in KINDS if kind.targets is not None)
+
+
+@functools.cache
+def domain_kind(name: str) -> DomainKind:
+    """The kind of a domain name, found once per name (a video name with a bad fold is a ValueError)."""
+    return next(kind for kind in KINDS if kind.takes(name))
+
+
+def dense_target_fn(name: str):
+    """How a dense domain's packed targets unpack into one task's target, and the tasks it has."""
+    targets = domain_kind(name).targets
+    if targets is None:
+        raise ValueError(f"{name!r} is not a dense multi-task dataset; use one of {list(DENSE_DOMAINS)}")
+    return targets

@@ -1,4 +1,5 @@
-"""Colour emoji rendered from Debian's ``fonts-noto-color-emoji``, labelled by Unicode's own emoji groups.
+"""``emoji[-seen|-held]``: colour emoji rendered from Debian's ``fonts-noto-color-emoji``, labelled by Unicode's
+own emoji groups.
 
 The emoji list and its two-level structure (9 groups, ~100 sub-groups) come from ``emoji-test.txt`` of Debian's
 ``unicode-data``; every fully-qualified emoji is rendered once (ZWJ sequences as their single glyph, which needs
@@ -14,12 +15,15 @@ backbone never saw, in categories it has to generalise to.  ``emoji`` is everyth
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
-__all__ = ["EMOJI_FONT", "EMOJI_TEST", "EmojiMissingError", "list_emoji", "load_emoji"]
+from .common import PRETRAIN_SIZE, ImageSource, SourceMissingError, cache_dir
+from .registry import Request, missing, register_source
 
 EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 EMOJI_TEST = Path("/usr/share/unicode/emoji/emoji-test.txt")
@@ -46,10 +50,6 @@ chosen for being drawable things with at least 9 emoji; ``emoji-held`` has 871 e
 each), ``emoji-seen`` 995 over 43 classes."""
 
 
-class EmojiMissingError(FileNotFoundError):
-    """The emoji font or Unicode's emoji list is not installed."""
-
-
 @dataclass(frozen=True)
 class Emoji:
     text: str
@@ -60,8 +60,8 @@ class Emoji:
 def list_emoji(test_file: str | Path = EMOJI_TEST) -> list[Emoji]:
     """Every fully-qualified emoji of ``emoji-test.txt`` in file order, minus skin tones and components."""
     path = Path(test_file)
-    if not path.is_file() or not EMOJI_FONT.is_file():
-        raise EmojiMissingError(f"the emoji source needs {EMOJI_FONT} and {EMOJI_TEST}; install them with: {INSTALL}")
+    if not path.is_file():
+        raise missing("emoji", f"the emoji source needs Unicode's emoji list {path}")
     out, group, subgroup = [], "", ""
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.startswith("# group:"):
@@ -77,21 +77,29 @@ def list_emoji(test_file: str | Path = EMOJI_TEST) -> list[Emoji]:
     return out
 
 
-def emoji_labels(emoji: list[Emoji], part: str) -> tuple[list[int], list[str], list[int]]:
+def emoji_labels(
+    emoji: list[Emoji],
+    part: str,
+    *,
+    held: Collection[str] = HELD_OUT_SUBGROUPS,
+    min_per_class: int = MIN_PER_CLASS,
+) -> tuple[list[int], list[str], list[int]]:
     """(positions kept, class names, label per kept position) of one part: ``all`` and ``seen`` by sub-group
-    (small ones merged into ``<group>/other``, what stays under ``MIN_PER_CLASS`` left out), ``held`` by group."""
+    (small ones merged into ``<group>/other``, what stays under ``min_per_class`` left out), ``held`` (the
+    sub-groups ``held``) by group."""
     if part not in ("all", "seen", "held"):
         raise ValueError(f"emoji part must be all, seen or held, not {part!r}")
-    keep = [i for i, e in enumerate(emoji) if part == "all" or (e.subgroup in HELD_OUT_SUBGROUPS) == (part == "held")]
+    keep = [i for i, e in enumerate(emoji) if part == "all" or (e.subgroup in held) == (part == "held")]
     if part == "held":
         names = [emoji[i].group for i in keep]
     else:
         sizes = Counter(emoji[i].subgroup for i in keep)
         names = [
-            emoji[i].subgroup if sizes[emoji[i].subgroup] >= MIN_PER_CLASS else f"{emoji[i].group}/other" for i in keep
+            emoji[i].subgroup if sizes[emoji[i].subgroup] >= min_per_class else f"{emoji[i].group}/other" for i in keep
         ]
         sizes = Counter(names)  # what is still too small after merging is left out
-        keep, names = zip(*[(i, n) for i, n in zip(keep, names, strict=True) if sizes[n] >= MIN_PER_CLASS], strict=True)
+        kept = [(i, n) for i, n in zip(keep, names, strict=True) if sizes[n] >= min_per_class]
+        keep, names = [i for i, _ in kept], [n for _, n in kept]
     classes = sorted(set(names))
     index = {c: k for k, c in enumerate(classes)}
     return keep, classes, [index[n] for n in names]
@@ -115,8 +123,10 @@ def render(text: str, size: int) -> np.ndarray:
 def _font():
     from PIL import ImageFont, features
 
+    if not EMOJI_FONT.is_file():
+        raise missing("emoji", f"the emoji source needs the font {EMOJI_FONT}")
     if not features.check("raqm"):
-        raise EmojiMissingError("rendering emoji sequences needs Pillow built with raqm (libraqm + libfribidi)")
+        raise SourceMissingError("rendering emoji sequences needs Pillow built with raqm (libraqm + libfribidi)")
     return ImageFont.truetype(str(EMOJI_FONT), FONT_SIZE, layout_engine=ImageFont.Layout.RAQM)
 
 
@@ -133,4 +143,11 @@ def load_emoji(part: str, size: int = 64, cache: str | Path | None = None) -> tu
             Path(cache).parent.mkdir(parents=True, exist_ok=True)
             np.savez(cache, images=images)
     keep, classes, labels = emoji_labels(emoji, part)
-    return images[list(keep)], np.asarray(labels, dtype=np.int64), classes
+    return images[keep], np.asarray(labels, dtype=np.int64), classes
+
+
+@register_source("emoji", parts=True, install=INSTALL)
+def load_emoji_source(request: Request) -> ImageSource:
+    """Noto colour emoji by Unicode sub-group or group, 64 px RGB on white, rendered once into the cache."""
+    images, labels, classes = load_emoji(request.part, PRETRAIN_SIZE, cache=cache_dir() / f"emoji-{PRETRAIN_SIZE}.npz")
+    return ImageSource(request.name, torch.from_numpy(images), torch.from_numpy(labels), classes)

@@ -1,4 +1,4 @@
-"""Desktop icons from Debian's icon themes, labelled by the freedesktop context folder they sit in.
+"""``icons``: desktop icons from Debian's icon themes, labelled by the freedesktop context folder they sit in.
 
 Themes (:data:`THEMES`): ``oxygen-icon-theme`` (KDE), ``gnome-icon-theme`` and ``mate-icon-theme`` (GNOME 2
 lineage), each at 48×48 px, the largest size all three draw by hand.  The class is the context directory of the
@@ -13,8 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
-__all__ = ["ICON_ROOT", "IconsMissingError", "list_icons", "load_icons"]
+from .common import PRETRAIN_SIZE, ImageSource, cache_dir, directory_key
+from .registry import Request, missing, register_source
 
 ICON_ROOT = Path("/usr/share/icons")
 THEMES = {"oxygen": "oxygen/base/48x48", "gnome": "gnome/48x48", "mate": "mate/48x48"}
@@ -22,18 +24,12 @@ CONTEXTS = ("actions", "apps", "categories", "devices", "emblems", "emotes", "mi
 INSTALL = "apt-get update && apt-get install -y oxygen-icon-theme gnome-icon-theme mate-icon-theme"
 
 
-class IconsMissingError(FileNotFoundError):
-    """An icon theme is not installed."""
-
-
 def list_icons(root: str | Path = ICON_ROOT) -> tuple[list[Path], np.ndarray, list[str]]:
     """Sorted PNG paths of every theme, int64 labels indexing :data:`CONTEXTS`, the class names."""
     root = Path(root)
-    missing = [theme for theme, sub in THEMES.items() if not (root / sub).is_dir()]
-    if missing:
-        raise IconsMissingError(
-            f"icon themes {', '.join(missing)} not found under {root}; install them with: {INSTALL}"
-        )
+    absent = [theme for theme, sub in THEMES.items() if not (root / sub).is_dir()]
+    if absent:
+        raise missing("icons", f"icon themes {', '.join(absent)} not found under {root}")
     paths, labels = [], []
     for sub in THEMES.values():
         for label, context in enumerate(CONTEXTS):
@@ -67,3 +63,13 @@ def load_icons(
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
         np.savez(cache, images=images, labels=labels)
     return images, labels, classes
+
+
+@register_source("icons", classes=len(CONTEXTS), install=INSTALL)
+def load_icons_source(request: Request) -> ImageSource:
+    """The three themes by icon context, 64 px RGB on white, from `request.root` (default :data:`ICON_ROOT`),
+    decoded once into the cache."""
+    directory = Path(request.root or ICON_ROOT).resolve()
+    cache = cache_dir() / f"icons-{PRETRAIN_SIZE}-{directory_key(directory)}.npz"
+    images, labels, classes = load_icons(PRETRAIN_SIZE, directory, cache=cache)
+    return ImageSource("icons", torch.from_numpy(images), torch.from_numpy(labels), classes)
