@@ -16,7 +16,7 @@ from loraplex.data import SourceMissingError, load_source, num_classes, split
 from loraplex.data.domains import DENSE_DOMAINS, PARTS, dense_target_fn, domain_classes, domain_kind, domain_parts
 from loraplex.data.motion import PATTERNS
 from loraplex.data.sources import KNOWN_CLASSES, SOURCES, common, known_sources, register_source, registry, source_of
-from loraplex.data.sources.clipart import HELD_OUT, clipart_part
+from loraplex.data.sources.clipart import CLIPART_ROOT, HELD_OUT, clipart_part
 from loraplex.data.sources.emoji import EMOJI_FONT, EMOJI_TEST, HELD_OUT_SUBGROUPS, emoji_labels, list_emoji, render
 from loraplex.data.sources.icons import CONTEXTS, THEMES, list_icons, load_icons
 
@@ -310,6 +310,19 @@ def test_clipart_parts_split_the_classes_and_relabel_them():
         clipart_part(labels % len(lacking), lacking, "held")
     with pytest.raises(ValueError, match="all, seen or held"):
         clipart_part(labels, classes, "some")
+
+
+@pytest.mark.skipif(not CLIPART_ROOT.is_dir(), reason=f"openclipart-png is not installed ({CLIPART_ROOT})")
+def test_real_clipart_parts_are_the_documented_downstream_set():
+    """What `make test`'s set-up installs decodes into the documented parts (the first call decodes 8,000 PNGs, ~30 s
+    on one core, into the user's cache, as a run would)."""
+    seen, held = load_source("clipart-seen"), load_source("clipart-held")
+    assert (len(held), len(held.classes), len(seen), len(seen.classes)) == (757, 10, 7292, 51)
+    assert held.classes == sorted(HELD_OUT) and not set(seen.classes) & set(HELD_OUT)
+    assert torch.bincount(held.labels).min() >= 30 and held.images.shape[1:] == (64, 64)
+    train, val, test = 400, 100, 257  # benchmarks/common.py's DOWNSTREAM sizes: test is all that is left
+    parts = domain_parts("clipart-held", root=None, seed=0, train=train, val=val, test=test, size=32)
+    assert [len(parts[p]) for p in PARTS] == [train, val, test]
 
 
 # --- domain kinds ------------------------------------------------------------------------------------------------
