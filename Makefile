@@ -5,9 +5,14 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 # Debian packages with real data, installed when missing and we are root: Fashion-MNIST IDX files; the
-# pre-training sources and their held-out downstream sets (clip art, colour emoji + Unicode's emoji list, icon themes).
+# pre-training sources and their held-out downstream sets (clip art, colour emoji + Unicode's emoji list, icon themes);
+# the fonts `fontdigits` typesets digits in (data/sources/fontdigits.py: FONT_PACKAGES, ~230 usable fonts).
 DEB_PACKAGES := dataset-fashion-mnist openclipart-png fonts-noto-color-emoji unicode-data \
-                oxygen-icon-theme gnome-icon-theme mate-icon-theme
+                oxygen-icon-theme gnome-icon-theme mate-icon-theme \
+                fonts-dejavu-core fonts-dejavu-extra fonts-liberation2 fonts-freefont-ttf fonts-urw-base35 \
+                fonts-noto-core fonts-crosextra-carlito fonts-crosextra-caladea fonts-ebgaramond \
+                fonts-linuxlibertine fonts-cantarell fonts-open-sans fonts-lato fonts-hack fonts-comic-neue \
+                fonts-sil-gentium fonts-sil-andika fonts-stix fonts-firacode fonts-inconsolata
 
 .PHONY: demo test lint bench system-data clean-venv
 

@@ -29,7 +29,7 @@ CASES = {
             "constraint": "subspace",
             "form": "projection",
             "k": 0.9,
-            "target_modules": ["qkv", "proj", "fc1", "fc2"],
+            "target_modules": ["qkv", "attn.proj", "fc1", "fc2"],
         },
     ),
     "shared_specific_upper_heavy": (
@@ -39,14 +39,35 @@ CASES = {
     # classification use of MTLoRA's groups (its dense, stream-aware use: tests/test_mtlora.py)
     "mtlora": ("mtlora", {"rank": 3, "task_rank": 2}),
     "mtlora_plus": ("mtlora_plus", {"rank": 2, "task_rank": 2}),
+    "mola_grad": ("mola_grad", {"rank": 3, "freeze_backbone": True}),
+    "mola_grad_trained_backbone": ("mola_grad", {"stages": [0], "ranks": [2], "stem_rank": 2, "downsample": True}),
+    "mola_router": ("mola_router", {"rank": 2, "experts": 4, "router": "patch"}),
+    "mola_router_top1": ("mola_router", {"rank": 2, "gate": "top1", "twd": 0.0, "freeze_backbone": True}),
 }
 ADAPTED = [c for c in CASES if CASES[c][0] not in ("linear_probe", "full_finetune")]
+SOFT = [c for c in CASES if CASES[c][0] == "mola_router"]
+MERGEABLE = [c for c in ADAPTED if c not in SOFT]
+EXPORTABLE = [c for c in MERGEABLE if c != "mola_grad_trained_backbone"]  # a trained backbone is not a PEFT LoRA
+# On a ResNet every case adapts convolutions (stem, 3×3 and 1×1 convs, projection shortcuts); subspace
+# constraints and MTLoRA's Swin-specific trained modules are linear-layer features (their refusal on convs
+# is tested in test_mola.py).
+RESNET_TARGETS = ["conv1", "conv2", "conv3", "downsample.0"]
+LINEAR_ONLY = {
+    *("shared_specific_coords", "shared_specific_proj_k", "shared_specific_upper_heavy"),
+    *("mtlora", "mtlora_plus"),
+}
 STRATEGIES = ["slices", "bmm", "masked"]
 MIXED_IDS = torch.tensor([2, 0, 1, 0, 2, 2, 1, 0])
 
 
 def make(case: str, kind: str = "vit", **kw) -> lp.AdaptedModel:
     method, params = CASES[case]
+    if kind == "resnet":
+        if case in LINEAR_ONLY:
+            pytest.skip(f"{case} adapts linear layers only")
+        params = {**params, "target_modules": RESNET_TARGETS}
+        if method == "mola_router":
+            params["router"] = "resnet20"
     return build(method, kind, **{**params, **kw})
 
 
@@ -113,7 +134,7 @@ def test_all_tasks_route_equals_each_task(case):
 
 
 @pytest.mark.parametrize("kind", list(BACKBONES))
-@pytest.mark.parametrize("case", ADAPTED)
+@pytest.mark.parametrize("case", MERGEABLE)
 def test_merged_equals_unmerged_and_unmerge_restores_w(case, kind):
     model = make(case, kind)
     x = images(5, size_of(kind))
@@ -146,9 +167,10 @@ def test_merged_model_refuses_other_tasks_and_mixed_batches():
 def test_save_load_round_trip_is_identical(case, kind, tmp_path):
     model = make(case, kind)
     x = images(len(MIXED_IDS), size_of(kind))
-    if case == "full_finetune":  # trained backbone weights must travel in the file too
+    if case in ("full_finetune", "mola_grad_trained_backbone", "mola_router"):  # trained backbone weights travel too
         with torch.no_grad():
-            model.backbone.blocks[0].mlp.fc1.weight.add_(0.1) if kind == "vit" else model.backbone.norm.weight.add_(0.1)
+            for p in model.backbone.parameters():
+                p.add_(0.01)
     model.save(tmp_path / "adapter")
     loaded = lp.load(tmp_path / "adapter", BACKBONES[kind](0)).eval()
     for task in TASKS:
@@ -196,18 +218,19 @@ def test_lora_equals_peft_lora_given_the_same_weights():
     torch.testing.assert_close(reference(x), model.forward_features(x, task="fashion"), atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("case", ADAPTED)
-def test_export_peft_loads_in_peft_with_identical_outputs(case, tmp_path):
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+@pytest.mark.parametrize("case", EXPORTABLE)
+def test_export_peft_loads_in_peft_with_identical_outputs(case, kind, tmp_path):
     peft = pytest.importorskip("peft")
-    model = make(case)
-    x = images(4)
+    model = make(case, kind)
+    x = images(4, size_of(kind))
     lp.export_peft(model, tmp_path / "peft", task="digits")
-    loaded = peft.PeftModel.from_pretrained(BACKBONES["vit"](0), tmp_path / "peft").eval()
+    loaded = peft.PeftModel.from_pretrained(BACKBONES[kind](0), tmp_path / "peft").eval()
     torch.testing.assert_close(loaded(x), model.forward_features(x, task="digits"), atol=1e-5, rtol=1e-5)
 
     lp.export_peft(model, tmp_path / "with_head", task="digits", include_head=True)
     with_head = peft.PeftModel.from_pretrained(
-        BACKBONES["vit"](0, num_classes=HEADS["digits"]), tmp_path / "with_head"
+        BACKBONES[kind](0, num_classes=HEADS["digits"]), tmp_path / "with_head"
     ).eval()
     torch.testing.assert_close(with_head(x), model(x, task="digits"), atol=1e-5, rtol=1e-5)
 

@@ -7,7 +7,7 @@ import timm
 import torch
 
 import loraplex as lp
-from loraplex.core.inject import BlockLayout, GroupSpec, block_indices, block_layout, find_targets, inject
+from loraplex.core.inject import GroupSpec, block_indices, block_layout, find_targets, inject
 from loraplex.core.routing import Route, RouteContext
 from loraplex.core.subspace import FeatureMemory, weight_subspaces
 
@@ -215,7 +215,7 @@ def test_block_indices_count_across_swin_stages_and_rank_schedules_apply():
     blocks = block_indices(swin)
     assert list(blocks.values()) == [0, 1, 2, 3]
     assert list(blocks)[2] == "layers.1.blocks.0"
-    assert block_layout(swin) == BlockLayout(((0, 1), (2, 3))) and block_layout(tiny_vit()).stages == ((0, 1),)
+    assert block_layout(swin).stages == ((0, 1), (2, 3)) and block_layout(tiny_vit()).stages == ((0, 1),)
     cfg = lp.make_config(
         "shared_specific", tasks=TASKS, rank=[2, 2, 2, 2], domain_rank=[0, 0, 3, 3], target_modules=["qkv"]
     )

@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch._dynamo
@@ -25,6 +27,7 @@ from loraplex.core.inject import GroupSpec, inject
 from loraplex.core.routing import Route
 from loraplex.data.dense import TASK_OUTPUTS
 from loraplex.eval.dense import task_loss
+from loraplex.methods import get_method
 from loraplex.train.loop import _on_cpu, make_optimizer
 from loraplex.train.placement import hold_frozen, resolve_device
 from loraplex.train.regimes import MultiDomainBatch, MultiDomainRegime
@@ -77,6 +80,8 @@ def test_every_method_runs_every_route_on_a_fake_gpu(case, kind):
             assert out.device.type == "cuda"
         regime = MultiDomainRegime.__new__(MultiDomainRegime)  # its loss alone: no data needed
         regime.label_smoothing = 0.1
+        cfg = lp.make_config(model.method_name, **model.method_config)
+        regime.objective = functools.partial(get_method(model.method_name).objective, cfg)  # MoLA's TwD included
         loss, metrics = regime.loss(model, MultiDomainBatch(x, labels, MIXED_IDS.to("cuda")))
         assert loss.device.type == metrics["acc"].device.type == "cuda"
 
@@ -141,6 +146,8 @@ def test_forward_and_backward_never_read_the_device_from_the_host(case, kind):
     x = torch.randn(len(MIXED_IDS), 3, size_of(kind), size_of(kind), device="meta")
     labels = torch.randint(0, 5, (len(MIXED_IDS),), device="meta")
     losses = [out for out in run_every_route(model, x, labels) if out.is_floating_point() and out.dim() == 0]
+    cfg = lp.make_config(model.method_name, **model.method_config)  # the method's own objective (MoLA's TwD)
+    losses.append(get_method(model.method_name).objective(cfg, model(x, task=MIXED_IDS.to("meta")), labels, 0.0)[0])
     sum(losses).backward()
     model(x, task="fashion").sum().backward()  # the homogeneous route's backward too
     grads = [p.grad for p in model.parameters() if p.requires_grad]

@@ -112,7 +112,7 @@ sys.exit(main(["params", {str(installed_config)!r}, "--json"]))
     assert Path(where["zoo"]) == site / "loraplex" / "zoo"
     assert Path(where["configs"]) == site / "loraplex" / "configs"
     assert "vit_clipart_tiny" in where["entries"]
-    assert set(counts) == {"adapter", "head", "trainable", "frozen", "total"}
+    assert set(counts) == {"adapter", "router", "head", "trainable", "frozen", "total"}
     assert counts["trainable"] > 0 and counts["total"] == counts["trainable"] + counts["frozen"]
 
 

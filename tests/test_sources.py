@@ -32,7 +32,10 @@ def spellings(source) -> list[str]:
 
 
 def test_the_sources_are_registered_in_the_order_errors_list_them():
-    assert list(SOURCES) == ["fashion", "mnist", "digits", "clipart", "emoji", "icons", "fractals", "folder"]
+    assert list(SOURCES) == [
+        *("fashion", "mnist", "digits", "clipart", "emoji", "icons", "fractals", "folder"),
+        *("fontdigits", "vlcs", "officehome", "medmnist"),
+    ]
     assert [SOURCES[name].parts for name in ("clipart", "emoji", "icons")] == [True, True, False]
 
 
@@ -43,7 +46,8 @@ def test_every_registered_name_resolves_to_its_source(source):
         assert resolved is source and request.name == name
         assert request.part == (name.rpartition("-")[2] if name.endswith(("-seen", "-held")) else "all")
         assert request.argument == ("an:argument" if ":" in name else None)
-        assert domain_kind(name).name == ("folder" if source.name == "folder" else "image source")
+        kinds = {"folder": "folder", "vlcs": "domain set", "officehome": "domain set", "medmnist": "medmnist"}
+        assert domain_kind(name).name == kinds.get(source.name, "image source")
     assert source.spelling in known_sources()
 
 

@@ -263,7 +263,7 @@ def test_cli_params_eval_export_and_errors(tmp_path, capsys):
     path = tiny_config(tmp_path)
     assert cli.main(["params", str(path), "--json"]) == 0
     counts = json.loads(capsys.readouterr().out)
-    assert set(counts) == {"adapter", "head", "trainable", "frozen", "total"}
+    assert set(counts) == {"adapter", "router", "head", "trainable", "frozen", "total"}
     d, r, depth = 48, 2, 2
     per_layer = lambda out: (1 + 2) * r * (d + out)  # noqa: E731 — shared + 2 domains, A r×d, B out×r
     assert counts["adapter"] == depth * (per_layer(3 * d) + per_layer(4 * d))

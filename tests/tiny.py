@@ -42,16 +42,28 @@ def tiny_swin(seed: int = 0, num_classes: int = 0) -> nn.Module:
     )
 
 
-BACKBONES = {"vit": tiny_vit, "swin": tiny_swin}
+def tiny_resnet(seed: int = 0, num_classes: int = 0) -> nn.Module:
+    """A timm ResNet-50-style network (bottlenecks, projection shortcuts, four stages) a few thousand weights big."""
+    from timm.models.resnet import Bottleneck, ResNet
+
+    torch.manual_seed(seed)
+    model = ResNet(
+        Bottleneck, layers=(1, 2, 1, 1), channels=(4, 8, 8, 8), stem_width=8, num_classes=0, zero_init_last=False
+    )
+    model.reset_classifier(num_classes)
+    return model.eval()
 
 
-def randomize_adapters(model: nn.Module, seed: int = 1) -> None:
-    """Give every adapter, bank and head tensor random values, so deltas are far from zero."""
+BACKBONES = {"vit": tiny_vit, "swin": tiny_swin, "resnet": tiny_resnet}
+
+
+def randomize_adapters(model: nn.Module, seed: int = 1, std: float = 0.2) -> None:
+    """Give every adapter, bank, router and head tensor random values, so deltas are far from zero."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if ".groups." in name or name.startswith(("banks.", "heads.")):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+            if ".groups." in name or name.startswith(("banks.", "heads.", "router.")):
+                p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def images(batch: int = 6, size: int = 16, seed: int = 3) -> torch.Tensor:
@@ -61,8 +73,8 @@ def images(batch: int = 6, size: int = 16, seed: int = 3) -> torch.Tensor:
 def build(method: str, kind: str = "vit", seed: int = 0, randomize: bool = True, **kw) -> lp.AdaptedModel:
     cfg = lp.make_config(method, tasks=TASKS, **kw)
     model = lp.wrap(BACKBONES[kind](seed), cfg, heads=HEADS)
-    if randomize:
-        randomize_adapters(model)
+    if randomize:  # conv deltas (B A summed over r·k² terms) at the ViT's scale would swamp a ResNet's weights
+        randomize_adapters(model, std=0.02 if kind == "resnet" else 0.2)
     return model.eval()
 
 

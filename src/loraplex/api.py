@@ -59,7 +59,8 @@ def wrap(
     if width is None:
         raise ValueError(f"{type(backbone).__name__} has no `num_features`; use a timm model or set it")
     head_modules = nn.ModuleList(make_head(head, width, heads[t]) for t in config.tasks)  # by position, never name
-    model = AdaptedModel(backbone, head_modules, config.tasks, context, banks, config.mixed_strategy)
+    router = plan.router(backbone) if plan.router is not None else None
+    model = AdaptedModel(backbone, head_modules, config.tasks, context, banks, config.mixed_strategy, router)
     model.method_name = method.name
     model.method_config = config.to_dict()
     model.backbone_info = info

@@ -95,16 +95,28 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from .eval.analysis import ANALYSIS_DIR, write_analysis
+    from .eval.gates import analyze_gates, gate_table, has_fixed_deltas, write_without_deltas
     from .train.runner import load_run
 
+    if args.gate_samples < 1:
+        raise ConfigError(f"--gate-samples must be ≥ 1, got {args.gate_samples}")
     config, model = load_run(args.run_dir, which=args.which, device=args.device)
     k = args.k if args.k is not None else config.method.get("k")
     out = args.run_dir / ANALYSIS_DIR
-    result = write_analysis(model, out, k, run=str(args.run_dir), method=config.method_name, which=args.which)
-    print(f"{'branch':24s} {'layers':>6s} {'col. energy':>11s} {'eff. rank':>9s}")
-    for row in result["summary"]:
-        energy = "—" if row["energy_column"] is None else f"{row['energy_column']:.3f}"
-        print(f"{row['branch']:24s} {row['layers']:6d} {energy:>11s} {row['effective_rank']:9.2f}")
+    meta = {"run": str(args.run_dir), "method": config.method_name, "which": args.which}
+    if model.router is not None:
+        meta["gates"] = analyze_gates(config, model, out, samples=args.gate_samples)
+    if has_fixed_deltas(model):
+        result = write_analysis(model, out, k, **meta)
+        print(f"{'branch':24s} {'layers':>6s} {'col. energy':>11s} {'eff. rank':>9s}")
+        for row in result["summary"]:
+            energy = "—" if row["energy_column"] is None else f"{row['energy_column']:.3f}"
+            print(f"{row['branch']:24s} {row['layers']:6d} {energy:>11s} {row['effective_rank']:9.2f}")
+    else:
+        result = write_without_deltas(model, out, **meta)
+        print("\n".join(result["notes"]))
+    if "gates" in result:
+        print(gate_table(result["gates"]))
     print(f"analysis written to {out}")
     return 0
 
@@ -122,7 +134,8 @@ def _results_table(results: dict) -> str:
     lines = [f"{'test metric':24s} {'best-val':>9s} {'last':>9s}"]
     lines += [f"{key:24s} {best[key]:9.4f} {last[key]:9.4f}" for key in best]
     p = results["params"]
-    lines.append(f"trainable parameters: {p['trainable']:,} (adapter {p['adapter']:,}, head {p['head']:,})")
+    router = f", router {p['router']:,}" if p.get("router") else ""  # results written before routers lack it
+    lines.append(f"trainable parameters: {p['trainable']:,} (adapter {p['adapter']:,}{router}, head {p['head']:,})")
     lines.append(f"train time: {results['train_seconds']:.1f} s for {results['steps']} steps")
     return "\n".join(lines)
 
@@ -183,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--which", choices=["best", "final"], default="best", help="which adapters to load")
     analyze.add_argument(
         "--k", type=_truncation, default=None, help="column-space size: int or energy fraction (default: the run's k)"
+    )
+    analyze.add_argument(
+        "--gate-samples", type=int, default=200, help="runs with a router: test samples per task to analyse gates on"
     )
     _add_device(analyze)
     analyze.set_defaults(func=cmd_analyze)

@@ -289,7 +289,8 @@ def check_method(method: Any, tasks: list[str]) -> dict[str, Any]:
         registered = get_method(method["name"])
     except ValueError as err:
         raise ConfigError(f"method.name: {err}") from err
-    hints = typing.get_type_hints(registered.config_cls)
+    fields = {f.name for f in dataclasses.fields(registered.config_cls)}  # not class constants such as min_rank
+    hints = {k: v for k, v in typing.get_type_hints(registered.config_cls).items() if k in fields}
     kwargs = {k: v for k, v in method.items() if k != "name"}
     for key, value in kwargs.items():
         if key not in hints:

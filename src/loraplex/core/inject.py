@@ -1,14 +1,16 @@
-"""Find target linear layers, swap in :class:`AdaptedLinear`, build branch groups, freeze the rest.
+"""Find target layers, swap in :class:`AdaptedLinear` / :class:`AdaptedConv2d`, build branch groups, freeze the rest.
 
 Targets use PEFT's vocabulary: a list of module-name suffixes (``"attn.qkv"`` matches
-``blocks.3.attn.qkv``) or one regular expression matched against the full name.  A **block index**
-is the position of a module's enclosing ``…blocks.<i>`` container in registration order, counted
-across stages (ViT: ``blocks.0…``; Swin: ``layers.0.blocks.0``, ``layers.0.blocks.1``,
-``layers.1.blocks.0`` … → 0, 1, 2 …), so rank schedules and block selections work on both.
+``blocks.3.attn.qkv``) or one regular expression matched against the full name; they may name
+``nn.Linear`` and ``nn.Conv2d`` layers.  A **block index** is the position of a module's enclosing
+block container in registration order, counted across stages (ViT: ``blocks.0…``; Swin:
+``layers.0.blocks.0``, ``layers.0.blocks.1``, ``layers.1.blocks.0`` … → 0, 1, 2 …; a timm ResNet:
+``layer1.0``, ``layer1.1``, … ``layer4.2``), so rank schedules and block selections work on all three.
 
 A rank schedule is either a per-block list or a :data:`RankSchedule` — a callable from the backbone's
 :class:`BlockLayout` (its blocks, grouped by stage) to such a list — because a plan is made from a
-config before any backbone is seen; it is resolved here, where the backbone is.
+config before any backbone is seen; it is resolved here, where the backbone is.  A :data:`SitePlacement`
+goes further: it decides each layer's rank from its :class:`Site` (block, stage, stem, downsample).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from typing import Literal
 from torch import nn
 
 from .branches import BasisBank, Init, LoRAGroup, Routing
-from .layer import AdaptedLinear
+from .conv import AdaptedConv2d
+from .layer import AdaptedLayer, AdaptedLinear
 from .routing import RouteContext
 from .subspace import Form, Subspace, TruncationK, column_space, factor_dtype, weight_subspaces
 
@@ -29,7 +32,7 @@ Targets = Sequence[str] | str
 RankSchedule = Callable[["BlockLayout"], Sequence[int]]
 """The backbone's block layout → rank per block (0 = no branch there)."""
 
-_BLOCK = re.compile(r"^(.*?\bblocks\.\d+)\.")
+_BLOCK = re.compile(r"^(.*?\b(?:blocks|layer\d+)\.\d+)\.")  # ViT / Swin blocks, timm ResNet stages' blocks
 
 
 @dataclass
@@ -64,8 +67,11 @@ class GroupSpec:
     input_subspace: Literal["span", "complement"] | None = None  # A confined to a memory (basis set later)
     train_A: bool = True
     bank_size: int = 0  # > 0: factors from a BasisBank of this many bases, one bank per layer shape
+    placement: SitePlacement | None = None  # when set, decides every layer's rank from its site (overrides rank)
 
     def rank_at(self, block: int | None, name: str, layout: BlockLayout) -> int:
+        if self.placement is not None:
+            return int(self.placement(Site.of(name, block, layout), layout))
         if isinstance(self.rank, int):
             return self.rank
         ranks = self.rank(layout) if callable(self.rank) else self.rank
@@ -87,20 +93,50 @@ class InjectionResult:
 @dataclass(frozen=True)
 class BlockLayout:
     """Global block indices grouped by the container that holds them: one group for a ViT's
-    ``blocks``, one per stage for Swin's ``layers.<s>.blocks`` (what "last block of each stage" needs)."""
+    ``blocks``, one per stage for Swin's ``layers.<s>.blocks`` or a ResNet's ``layer<s>`` (what "last block of
+    each stage" needs); ``prefixes`` names each stage's module (``layers.1``, ``layer2``; empty for a ViT)."""
 
     stages: tuple[tuple[int, ...], ...]
+    prefixes: tuple[str, ...] = ()
 
     @property
     def count(self) -> int:
         return sum(len(stage) for stage in self.stages)
+
+    def stage_of(self, name: str, block: int | None) -> int | None:
+        """The stage holding block ``block``, or for a layer outside every block (Swin's patch merging), the
+        stage whose module holds it; None for the stem."""
+        if block is not None:
+            return next(s for s, blocks in enumerate(self.stages) if block in blocks)
+        return next((s for s, p in enumerate(self.prefixes) if p and name.startswith(p + ".")), None)
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where an adapted layer sits: its block (None outside every block), its stage (None for the stem of a
+    CNN or a ViT's patch embedding), and whether it is a downsampling layer between stages (a ResNet's
+    projection shortcut ``downsample.0``, Swin's patch merging)."""
+
+    name: str
+    block: int | None
+    stage: int | None
+    downsample: bool
+
+    @classmethod
+    def of(cls, name: str, block: int | None, layout: BlockLayout) -> Site:
+        return cls(name, block, layout.stage_of(name, block), "downsample" in name.split("."))
+
+
+SitePlacement = Callable[[Site, BlockLayout], int]
+"""A layer's site and the backbone's block layout → its rank (0 = no branch there)."""
 
 
 def block_layout(model: nn.Module) -> BlockLayout:
     stages: dict[str, list[int]] = {}
     for name, index in block_indices(model).items():
         stages.setdefault(name.rsplit(".", 1)[0], []).append(index)
-    return BlockLayout(tuple(tuple(blocks) for blocks in stages.values()))
+    prefixes = tuple(key.removesuffix("blocks").removesuffix(".") for key in stages)
+    return BlockLayout(tuple(tuple(blocks) for blocks in stages.values()), prefixes)
 
 
 def block_indices(model: nn.Module) -> dict[str, int]:
@@ -124,28 +160,40 @@ def matches(name: str, targets: Targets) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+ADAPTABLE = (nn.Linear, nn.Conv2d, AdaptedLayer)
+
+
 def find_targets(model: nn.Module, targets: Targets, blocks: Sequence[int] | None = None) -> list[str]:
-    """Names of the ``nn.Linear`` layers matching ``targets`` (and in ``blocks``, if given)."""
+    """Names of the ``nn.Linear`` / ``nn.Conv2d`` layers matching ``targets`` (and in ``blocks``, if given)."""
     index = block_indices(model)
     found = [
         name
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear | AdaptedLinear)
+        if isinstance(module, ADAPTABLE)
         and matches(name, targets)
         and (blocks is None or block_of(name, index) in set(blocks))
     ]
     if not found:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        sample = ", ".join(linears[:6]) + (" …" if len(linears) > 6 else "")
+        layers = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+        sample = ", ".join(layers[:6]) + (" …" if len(layers) > 6 else "")
         where = f" in blocks {list(blocks)}" if blocks is not None else ""
         raise ValueError(
-            f"target_modules {targets!r} matched no nn.Linear{where} of {type(model).__name__}; "
-            f"its linear layers are named like: {sample or 'none'}"
+            f"target_modules {targets!r} matched no nn.Linear or nn.Conv2d{where} of {type(model).__name__}; "
+            f"its layers are named like: {sample or 'none'}"
         )
     return found
 
 
-def _output_space(spec: OutputSubspaceSpec, layer: AdaptedLinear, group: GroupSpec, rank: int, svd: dict) -> Subspace:
+def adapt(module: nn.Module, name: str, context: RouteContext) -> AdaptedLayer:
+    """``module`` as an adapted layer (itself if it already is one)."""
+    if isinstance(module, AdaptedLayer):
+        return module
+    if isinstance(module, nn.Linear):
+        return AdaptedLinear(module, name, context)
+    return AdaptedConv2d(module, name, context)
+
+
+def _output_space(spec: OutputSubspaceSpec, layer: AdaptedLayer, group: GroupSpec, rank: int, svd: dict) -> Subspace:
     """The subspace ``B`` may use; ``svd`` caches this layer's bases so groups share one SVD."""
     if spec.space not in ("column", "null"):
         raise ValueError(f"unknown output subspace {spec.space!r}; choose 'column' or 'null'")
@@ -191,7 +239,7 @@ def inject(
     context: RouteContext,
     blocks: Sequence[int] | None = None,
 ) -> InjectionResult:
-    """Replace every targeted ``nn.Linear`` with an :class:`AdaptedLinear` carrying ``groups``."""
+    """Replace every targeted layer with an adapted layer carrying ``groups``."""
     result = InjectionResult()
     index = block_indices(model)
     layout = block_layout(model)
@@ -202,7 +250,7 @@ def inject(
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         module = getattr(parent, attr)
-        layer = module if isinstance(module, AdaptedLinear) else AdaptedLinear(module, name, context)
+        layer = adapt(module, name, context)
         block = block_of(name, index)
         svd: dict = {}
         for group in groups:
@@ -220,10 +268,11 @@ def inject(
     return result
 
 
-def _build_group(
-    group: GroupSpec, layer: AdaptedLinear, rank: int, banks: dict[str, BasisBank], svd: dict
-) -> LoRAGroup:
+def _build_group(group: GroupSpec, layer: AdaptedLayer, rank: int, banks: dict[str, BasisBank], svd: dict) -> LoRAGroup:
+    if isinstance(layer, AdaptedConv2d):
+        _check_conv_group(group, layer)
     out, inp = layer.out_features, layer.in_features
+    nominal, rank = rank, rank * layer.rank_factor  # a conv branch of rank r has r·k factor rows (loralib's format)
     bank = None
     if group.bank_size > 0:
         key = f"{group.name}_{out}x{inp}"
@@ -233,7 +282,9 @@ def _build_group(
         if bank.rank != rank:
             raise ValueError(f"{layer.name}: a shared bank needs one rank per shape; got {rank} and {bank.rank}")
     output_space = _output_space(group.output_subspace, layer, group, rank, svd) if group.output_subspace else None
-    if rank > min(out, inp):
+    # a conv branch in loralib's format may exceed its reshaped matrix's rank (MoLA's 7×7 stem at r = 8 does):
+    # the paper's parameter counts include it, so only linear layers are held to the bound
+    if rank > min(out, inp) and isinstance(layer, AdaptedLinear):
         raise ValueError(
             f"{layer.name}: group {group.name!r} has rank {rank}, but its {out}×{inp} weight has rank at most "
             f"{min(out, inp)}: a larger rank adds parameters and no capacity; choose a rank ≤ {min(out, inp)}"
@@ -246,7 +297,7 @@ def _build_group(
         complement = group.input_subspace == "complement"
         weight = layer.base.weight
         input_space = Subspace(weight.new_zeros(inp, 0, dtype=factor_dtype(weight)), complement=complement)
-    effective_rank = rank * max(group.bank_size, 1)
+    effective_rank = nominal * max(group.bank_size, 1)
     scale = group.scale if group.scale is not None else (group.alpha or effective_rank) / effective_rank
     return LoRAGroup(
         group.n,
@@ -262,6 +313,23 @@ def _build_group(
         train_A=group.train_A,
         bank=bank,
     ).to(layer.base.weight.device)
+
+
+def _check_conv_group(group: GroupSpec, layer: AdaptedConv2d) -> None:
+    """What a conv branch cannot do, said before anything is built."""
+    unsupported = {
+        "an output subspace of W": group.output_subspace is not None,
+        "an input subspace": group.input_subspace is not None,
+        "a shared basis bank": group.bank_size > 0,
+        "a fixed down-projection": not group.train_A,
+        "dropout": group.dropout > 0,
+    }
+    found = [what for what, used in unsupported.items() if used]
+    if found:
+        raise ValueError(
+            f"{layer.name}: group {group.name!r} asks for {', '.join(found)} on a convolution; conv LoRA supports "
+            "plain branches only (target linear layers for the rest)"
+        )
 
 
 def freeze(model: nn.Module, modules_to_save: Targets = ()) -> list[str]:

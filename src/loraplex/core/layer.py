@@ -22,21 +22,20 @@ from .branches import LoRAGroup
 from .routing import Route, RouteContext
 
 
-class AdaptedLinear(nn.Module):
-    def __init__(self, base: nn.Linear, name: str, context: RouteContext) -> None:
+class AdaptedLayer(nn.Module):
+    """What every adapted layer shares: the frozen module, its name, the model's route context, its groups.
+
+    ``in_features`` / ``out_features`` are the sizes of the matrix ``B A`` that a branch builds, and
+    ``rank_factor`` how many factor rows one unit of nominal rank takes (1 for a linear layer)."""
+
+    rank_factor = 1
+
+    def __init__(self, base: nn.Module, name: str, context: RouteContext) -> None:
         super().__init__()
         self.base = base
         self.name = name
         self.context = context
         self.groups = nn.ModuleDict()
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     @property
     def weight(self) -> torch.Tensor:
@@ -45,6 +44,38 @@ class AdaptedLinear(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
+
+    def to_weight_shape(self, delta: torch.Tensor) -> torch.Tensor:
+        """A branch's ``B A`` (``out_features × in_features``) as a tensor of the frozen weight's shape."""
+        return delta
+
+    def delta_weight(self, task: int | None) -> torch.Tensor:
+        """The input-independent ``ΔW`` that fires for ``task`` (shared groups plus that task's branch), in the
+        frozen weight's shape."""
+        deltas = []
+        for key, group in self.groups.items():
+            if group.routing == "soft":
+                raise ValueError(
+                    f"{self.name}: group {key!r} is routed by input-dependent gates; it has no fixed ΔW "
+                    "to merge or export"
+                )
+            if group.routing == "always":
+                deltas.append(group.delta_weight(0))
+            elif task is not None:
+                deltas.append(group.delta_weight(task))
+        return self.to_weight_shape(sum(deltas)) if deltas else torch.zeros_like(self.base.weight)
+
+
+class AdaptedLinear(AdaptedLayer):
+    """A frozen ``nn.Linear`` plus branch groups (``A: [n, r, in]``, ``B: [n, out, r]``)."""
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = self.context
@@ -58,21 +89,6 @@ class AdaptedLinear(nn.Module):
         for group in self.groups.values():
             y = add_group_output(group, x, y, ctx.route)
         return y
-
-    def delta_weight(self, task: int | None) -> torch.Tensor:
-        """The input-independent ``ΔW`` that fires for ``task`` (shared groups plus that task's branch)."""
-        deltas = []
-        for key, group in self.groups.items():
-            if group.routing == "soft":
-                raise ValueError(
-                    f"{self.name}: group {key!r} is routed by input-dependent gates; it has no fixed ΔW "
-                    "to merge or export"
-                )
-            if group.routing == "always":
-                deltas.append(group.delta_weight(0))
-            elif task is not None:
-                deltas.append(group.delta_weight(task))
-        return sum(deltas) if deltas else torch.zeros_like(self.base.weight)
 
     def forward_streams(
         self, x_shared: torch.Tensor, x_tasks: torch.Tensor | None = None
@@ -129,9 +145,7 @@ def add_group_output(group: LoRAGroup, x: torch.Tensor, y: torch.Tensor, route: 
     if group.routing == "always":
         return _always(group, x, y)
     if group.routing == "soft":
-        if route.weights is None:
-            raise RuntimeError("a soft-routed group ran without gate weights in the route")
-        return _masked(group, x, y, route.weights)
+        return _masked(group, x, y, soft_gates(group, route))
     if route.index is not None:  # homogeneous: the task is a tensor, so one compiled graph serves every task
         a, b = group.factors()
         one = route.index
@@ -146,6 +160,18 @@ def add_group_output(group: LoRAGroup, x: torch.Tensor, y: torch.Tensor, route: 
     ids = route.task_ids
     one_hot = ids.unsqueeze(1) == torch.arange(group.n, device=ids.device)
     return _masked(group, x, y, one_hot.to(group.scale.dtype))
+
+
+def soft_gates(group: LoRAGroup, route: Route) -> torch.Tensor:
+    """The route's gates ``[B, E]`` for a soft-routed group of ``E`` experts (shapes only: no host read)."""
+    gates = route.weights
+    if gates is None:
+        raise RuntimeError("a soft-routed group ran without gate weights in the route (the model has no router?)")
+    if gates.dim() != 2 or gates.shape[1] != group.n:
+        raise ValueError(
+            f"gates of shape {tuple(gates.shape)} for a group of {group.n} experts: expected [batch, {group.n}]"
+        )
+    return gates
 
 
 def _per_sample(t: torch.Tensor, batch: int) -> torch.Tensor:

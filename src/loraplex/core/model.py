@@ -10,6 +10,11 @@
   task and run as one mixed batch; methods with stream-aware blocks, such as MTLoRA, do better);
 * ``None`` — shared branches only; returns pooled features (no head).
 
+A model with a **router** (a module reading the raw input: MoLA-Router) computes the gates of its soft-routed
+groups once per forward, ``[B, E]``, the same vector for every adapted layer; heads are still chosen by
+the task.  ``gates=`` overrides the router (analysis, tests).  A mixed batch's :class:`MixedOutput` carries
+the router's logits and embedding (the TwD loss reads them).
+
 A backbone with ``forward_tasks(x, num_tasks)`` (a dense pyramid with stream-aware blocks, MTLoRA) predicts
 every task on every image: ``"all"`` gives ``{task: dense output}`` from one pass, a task name that
 task's output; mixed batches do not apply.
@@ -18,13 +23,14 @@ task's output; mixed batches do not apply.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .layer import AdaptedLinear
+from .layer import AdaptedLayer
 from .routing import MixedStrategy, Route, RouteContext
 
 TaskSpec = str | int | torch.Tensor | Sequence[str] | Sequence[int] | None
@@ -41,6 +47,9 @@ class MixedOutput:
 
     outputs: dict[str, torch.Tensor]
     task_ids: torch.Tensor
+    gates: torch.Tensor | None = None  # [B, E] the router's gates, when the model has one
+    router_logits: torch.Tensor | None = None  # [B, E]
+    router_embedding: torch.Tensor | None = None  # [B, D] L2-normalised projection of the logits (TwD)
 
     @property
     def index(self) -> dict[str, torch.Tensor]:
@@ -103,11 +112,18 @@ class AdaptedModel(nn.Module):
         context: RouteContext,
         banks: dict[str, nn.Module],
         mixed_strategy: MixedStrategy = "bmm",
+        router: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.heads = heads
         self.banks = nn.ModuleDict(banks)
+        self.router = router
+        self.experts = max((g.n for g in self._soft_groups()), default=0)
+        if router is not None and not self.experts:
+            raise ValueError("a router was given but no adapted layer has soft-routed (gated) groups for it to drive")
+        if router is None and self.experts:
+            raise ValueError("soft-routed (gated) groups need a router to compute their gates; the plan gave none")
         self.tasks = list(tasks)
         self.context = context
         self.mixed_strategy = mixed_strategy
@@ -152,8 +168,34 @@ class AdaptedModel(nn.Module):
         t = self.task_index(task)
         return Route(task=t, index=self.task_range[t : t + 1], strategy=self.mixed_strategy)
 
-    def adapted_layers(self) -> dict[str, AdaptedLinear]:
-        return {m.name: m for m in self.backbone.modules() if isinstance(m, AdaptedLinear)}
+    def adapted_layers(self) -> dict[str, AdaptedLayer]:
+        return {m.name: m for m in self.backbone.modules() if isinstance(m, AdaptedLayer)}
+
+    def _soft_groups(self) -> list[nn.Module]:
+        return [
+            g
+            for m in self.backbone.modules()
+            if isinstance(m, AdaptedLayer)
+            for g in m.groups.values()
+            if g.routing == "soft"
+        ]
+
+    def gated(self, x: torch.Tensor, gates: torch.Tensor | None = None) -> tuple[torch.Tensor | None, tuple]:
+        """The gates ``[B, E]`` for input ``x`` (``gates`` if given, checked; else the router's) and the router's
+        ``(logits, embedding)`` (empty without a router or with given gates)."""
+        if gates is not None:
+            if not self.experts:
+                raise ValueError("gates were given, but this model has no soft-routed (gated) groups")
+            if gates.dim() != 2 or tuple(gates.shape) != (x.shape[0], self.experts):
+                raise ValueError(
+                    f"gates of shape {tuple(gates.shape)} for a batch of {x.shape[0]} and {self.experts} experts: "
+                    f"expected [{x.shape[0]}, {self.experts}]"
+                )
+            return gates, ()
+        if self.router is None:
+            return None, ()
+        logits, embedding = self.router(x)
+        return self.router.gates(logits), (logits, embedding)
 
     @property
     def streams(self) -> bool:
@@ -182,20 +224,28 @@ class AdaptedModel(nn.Module):
         finally:
             ctx.set(previous)
 
-    def _features(self, x: torch.Tensor, route: Route) -> torch.Tensor:
-        with self.routed(route):
+    def _features(self, x: torch.Tensor, route: Route, gates: torch.Tensor | None = None) -> torch.Tensor:
+        gates, _ = self.gated(x, gates)
+        with self.routed(dataclasses.replace(route, weights=gates) if gates is not None else route):
             return self.backbone(x)
 
-    def _mixed_features(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Features of a mixed batch in its own order.  Only ``slices`` needs the batch sorted by task (and
-        the segment bounds on the host); ``bmm`` and ``masked`` take it as it comes."""
+    def _mixed_features(
+        self, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple]:
+        """Features of a mixed batch in its own order, its gates and the router's outputs.  Only ``slices``
+        needs the batch sorted by task (and the segment bounds on the host); ``bmm`` and ``masked`` take it as
+        it comes."""
         if ids.shape[0] != x.shape[0]:
             raise ValueError(f"{ids.shape[0]} task ids for a batch of {x.shape[0]}")
+        gates, router = self.gated(x, gates)
         if self.mixed_strategy != "slices":
-            return self._features(x, Route.for_samples(ids, self.mixed_strategy))
+            with self.routed(Route.for_samples(ids, self.mixed_strategy, weights=gates)):
+                return self.backbone(x), gates, router
         order = torch.argsort(ids, stable=True)
-        feats = self._features(x[order], Route.for_samples(ids[order], "slices"))
-        return feats[torch.argsort(order)]
+        sorted_gates = None if gates is None else gates[order]
+        with self.routed(Route.for_samples(ids[order], "slices", weights=sorted_gates)):
+            feats = self.backbone(x[order])
+        return feats[torch.argsort(order)], gates, router
 
     def _head(self, t: int, features):
         """Task ``t``'s head on features cast to the heads' dtype (a pyramid is a list of maps)."""
@@ -205,31 +255,35 @@ class AdaptedModel(nn.Module):
         return self.heads[t]([f.to(dtype) for f in features])
 
     # ---- forward -------------------------------------------------------------------------------
-    def forward_features(self, x: torch.Tensor, task: TaskSpec = None) -> torch.Tensor:
+    def forward_features(
+        self, x: torch.Tensor, task: TaskSpec = None, gates: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Pooled backbone features under the route ``task`` describes (original sample order)."""
         if task is None:
-            return self._features(x, Route())
+            return self._features(x, Route(), gates)
         if isinstance(task, str | int):
-            return self._features(x, self.task_route(task))
-        return self._mixed_features(x, self.task_ids(task, x.device))
+            return self._features(x, self.task_route(task), gates)
+        return self._mixed_features(x, self.task_ids(task, x.device), gates)[0]
 
-    def forward(self, x: torch.Tensor, task: TaskSpec = None):
+    def forward(self, x: torch.Tensor, task: TaskSpec = None, gates: torch.Tensor | None = None):
         if task is None:
-            return self._features(x, Route())
+            return self._features(x, Route(), gates)
         if self.streams:
             return self._all_tasks(x, task)
         if isinstance(task, str) and task == "all":
-            ids = self.task_range.repeat_interleave(x.shape[0])
-            features = self._mixed_features(x.repeat(len(self.tasks), *([1] * (x.dim() - 1))), ids)
+            ids, copies = self.task_range.repeat_interleave(x.shape[0]), len(self.tasks)
+            repeated_gates = None if gates is None else gates.repeat(copies, 1)
+            features = self._mixed_features(x.repeat(copies, *([1] * (x.dim() - 1))), ids, repeated_gates)[0]
             return {
                 name: self._head(t, f)
                 for t, (name, f) in enumerate(zip(self.tasks, features.chunk(len(self.tasks)), strict=True))
             }
         if isinstance(task, str | int):
-            return self._head(self.task_index(task), self._features(x, self.task_route(task)))
+            return self._head(self.task_index(task), self._features(x, self.task_route(task), gates))
         ids = self.task_ids(task, x.device)
-        features = self._mixed_features(x, ids)
-        return MixedOutput({name: self._head(t, features) for t, name in enumerate(self.tasks)}, ids)
+        features, used, router = self._mixed_features(x, ids, gates)
+        heads = {name: self._head(t, features) for t, name in enumerate(self.tasks)}
+        return MixedOutput(heads, ids, used, *router)
 
     def _all_tasks(self, x: torch.Tensor, task: TaskSpec):
         if not (isinstance(task, str | int)):

@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .conv import AdaptedConv2d
 from .model import AdaptedModel
 from .subspace import Subspace
 
@@ -161,7 +162,7 @@ def adapter_state(model: AdaptedModel) -> dict[str, torch.Tensor]:
     state = {
         k: v
         for k, v in model.state_dict().items()
-        if (".groups." in k or k.startswith(("heads.", "banks."))) and k not in rebuilt
+        if (".groups." in k or k.startswith(("heads.", "banks.", "router."))) and k not in rebuilt
     }
     state.update({f"backbone.{k}": v for k, v in trained_backbone_state(model).items()})
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
@@ -310,8 +311,9 @@ def _split_head_key(key: str, index: dict[str, int]) -> tuple[str | None, str]:
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
-    """``adapter`` (trainable branch and bank parameters), ``head``, ``trainable``, ``frozen``, ``total``."""
-    counts = dict.fromkeys(("adapter", "head", "trainable", "frozen", "total"), 0)
+    """``adapter`` (trainable branch and bank parameters), ``router`` (a gating network and what its loss
+    trains, e.g. MoLA's TwD projection), ``head``, ``trainable``, ``frozen``, ``total``."""
+    counts = dict.fromkeys(("adapter", "router", "head", "trainable", "frozen", "total"), 0)
     for name, p in model.named_parameters():
         n = p.numel()
         counts["total"] += n
@@ -320,7 +322,36 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
             counts["adapter"] += n
         if name.startswith("heads."):
             counts["head"] += n
+        if name.startswith("router."):
+            counts["router"] += n
     return counts
+
+
+def _classifier_name(backbone: nn.Module) -> str:
+    """Where the timm model keeps its classifier (``head``, ``head.fc``, ``fc``): its ``get_classifier()`` module
+    (an identity once reset), else its pretrained config's name."""
+    if hasattr(backbone, "get_classifier"):
+        found = backbone.get_classifier()
+        name = next((n for n, m in backbone.named_modules() if m is found and n), None)
+        if name is not None:
+            return name
+    return (getattr(backbone, "pretrained_cfg", None) or {}).get("classifier", "head")
+
+
+def _peft_conv_factors(layer: AdaptedConv2d, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One conv branch in PEFT's conv LoRA (``lora_A``: a k×k conv to ``R'`` channels, ``lora_B``: 1×1), exactly.
+
+    Our ``ΔW`` is ``B A`` (``[C_out·k, C_in·k]``, loralib's format) viewed as ``[C_out, C_in, k, k]``; row
+    ``o·k + j`` of ``B A`` fills column block ``j`` of output channel ``o``.  So with ``A'`` block-diagonal
+    (``k`` copies of ``A``) and ``B'[o, j·R + i] = B[o·k + j, i]``, ``B' A'`` is that same ``ΔW`` at rank
+    ``R' = k·R``."""
+    base = layer.base
+    if base.groups != 1:
+        raise ValueError(f"{layer.name}: PEFT's conv LoRA has no grouped convolutions (groups={base.groups})")
+    k, rank = base.kernel_size[0], a.shape[0]
+    a_full = torch.block_diag(*[a] * k).reshape(k * rank, *base.weight.shape[1:])
+    b_full = b.reshape(base.out_channels, k * rank)
+    return a_full, b_full.reshape(*b_full.shape, 1, 1)
 
 
 def export_peft(
@@ -340,9 +371,16 @@ def export_peft(
             "matmul reads the shared input; save it with model.save instead"
         )
     t = None if task is None else model.task_index(task)
+    layers = model.adapted_layers()
+    inside = [m for m in model.saved_modules for name in layers if name == m or name.startswith(m + ".")]
+    if inside:
+        raise ValueError(
+            f"the method trains backbone modules that hold adapted layers ({sorted(set(inside))[:3]}): a PEFT LoRA "
+            "keeps its base layers frozen; save it with model.save instead"
+        )
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
-    for name, layer in model.adapted_layers().items():
+    for name, layer in layers.items():
         a_parts, b_parts = [], []
         for key, group in layer.groups.items():
             if group.routing == "soft":
@@ -353,8 +391,11 @@ def export_peft(
                 continue
             branch = 0 if group.routing == "always" else t
             a, b = group.factors()
-            a_parts.append(a[branch])
-            b_parts.append(group.scale[branch] * b[branch])
+            a_branch, b_branch = a[branch], group.scale[branch] * b[branch]
+            if isinstance(layer, AdaptedConv2d):
+                a_branch, b_branch = _peft_conv_factors(layer, a_branch, b_branch)
+            a_parts.append(a_branch)
+            b_parts.append(b_branch)
         if not a_parts:
             continue
         a_cat = torch.cat(a_parts).detach().cpu().contiguous()
@@ -370,7 +411,7 @@ def export_peft(
     if include_head:
         if t is None:
             raise ValueError("include_head needs a task")
-        classifier = (getattr(model.backbone, "pretrained_cfg", None) or {}).get("classifier", "head")
+        classifier = _classifier_name(model.backbone)
         head = model.heads[t]
         tensors[f"base_model.model.{classifier}.weight"] = head.weight.detach().cpu().contiguous()
         tensors[f"base_model.model.{classifier}.bias"] = head.bias.detach().cpu().contiguous()

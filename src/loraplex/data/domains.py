@@ -32,6 +32,7 @@ a motion means (a flipped left-to-right clip is a right-to-left one).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +54,8 @@ from .sources import (
     num_classes,
     readable_folder,
 )
+from .sources.domainsets import DOMAIN_SET_TEST, DOMAIN_SETS, domain_set_classes, domain_set_files
+from .sources.medmnist import MEDMNIST, medmnist_classes
 from .splits import Splits, class_balanced, split
 from .stream import DomainData
 from .video import LAYOUTS, VideoDomain, VideoList, readable_videos
@@ -142,18 +145,34 @@ def domain_parts(
     return kind.parts(Ask(name, root, seed, counts, size, frames, augment, class_balance, skip_unreadable))
 
 
-def _image_parts(ask: Ask) -> dict[str, DomainData]:
-    source = load_source(ask.name, root=ask.root)
-
+def _in_memory(ask: Ask, source: ImageSource) -> Callable[[torch.Tensor, int], DomainData]:
     def part_domain(index: torch.Tensor, size: int) -> DomainData:
         return DomainData(ask.name, source.images[index], source.labels[index], len(source.classes)).resized(size)
 
-    return _split_parts(ask, source, part_domain)
+    return part_domain
+
+
+def _image_parts(ask: Ask) -> dict[str, DomainData]:
+    source = load_source(ask.name, root=ask.root)
+    return _split_parts(ask, source, _in_memory(ask, source))
 
 
 def _folder_parts(ask: Ask) -> dict[str, DomainData]:
     spec = ask.name.removeprefix(FOLDER_PREFIX)
-    classes, paths, labels = readable_folder(spec, skip_unreadable=ask.skip_unreadable)
+    return _file_parts(ask, *readable_folder(spec, skip_unreadable=ask.skip_unreadable))
+
+
+def _domain_set_parts(ask: Ask) -> dict[str, DomainData]:
+    """A domain of VLCS / Office-Home: its folder under the dataset's root, parted as a folder is (without
+    ``test_per_domain``, :data:`~.sources.domainsets.DOMAIN_SET_TEST` of it is the test part)."""
+    classes, paths, labels = domain_set_files(ask.name, ask.root, skip_unreadable=ask.skip_unreadable)
+    if ask.counts["test"] is None:  # no official test split: hold out a fixed share, stratified
+        ask = dataclasses.replace(ask, counts={**ask.counts, "test": round(DOMAIN_SET_TEST * len(labels))})
+    return _file_parts(ask, classes, paths, labels)
+
+
+def _file_parts(ask: Ask, classes: list[str], paths: list, labels: torch.Tensor) -> dict[str, DomainData]:
+    """Image files split by seed from their labels alone; each part decodes its files on demand."""
     source = ImageSource(ask.name, torch.empty(0, dtype=torch.uint8), labels, classes)  # labels suffice to split
 
     def part_domain(index: torch.Tensor, size: int) -> DomainData:
@@ -165,7 +184,12 @@ def _folder_parts(ask: Ask) -> dict[str, DomainData]:
 def _split_parts(
     ask: Ask, source: ImageSource, part_domain: Callable[[torch.Tensor, int], DomainData]
 ) -> dict[str, DomainData]:
-    parts = split(source, seed=ask.seed, **ask.counts)
+    return _built_parts(ask, source, split(source, seed=ask.seed, **ask.counts), part_domain)
+
+
+def _built_parts(
+    ask: Ask, source: ImageSource, parts: Splits, part_domain: Callable[[torch.Tensor, int], DomainData]
+) -> dict[str, DomainData]:
     out = {}
     for part in PARTS:
         index = getattr(parts, part)
@@ -173,6 +197,27 @@ def _split_parts(
             index = index[class_balanced(source.labels[index], ask.class_balance)]
         out[part] = part_domain(index, 2 * ask.size if part == "train" and ask.augment else ask.size)
     return out
+
+
+def _medmnist_parts(ask: Ask) -> dict[str, DomainData]:
+    """A MedMNIST set with the file's own splits: each part drawn from that split (all of it, or a stratified seeded
+    draw of the count asked), never re-split. A val fraction is of the training split, as elsewhere, drawn from the
+    file's val split and capped at all of it (0.2 and above: the whole val split of every 2D set)."""
+    source = load_source(ask.name, root=ask.root)
+    official = {"val": source.official_val, "test": source.official_test}
+    official["train"] = ~(official["val"] | official["test"])
+    rows = {}
+    for k, part in enumerate(PARTS):
+        pool = torch.nonzero(official[part]).flatten()
+        count = ask.counts[part]
+        n = min(round(count * int(official["train"].sum())), len(pool)) if isinstance(count, float) else count
+        if n is not None and n > len(pool):
+            raise ValueError(f"asked for {n} {part} images of {ask.name}; its official {part} split has {len(pool)}")
+        if n is not None and n < len(pool):
+            pool_source = ImageSource(ask.name, source.images[:0], source.labels[pool], source.classes)
+            pool = pool[split(pool_source, seed=_part_seed(ask.seed, k), train=n, val=0, test=0).train]
+        rows[part] = pool
+    return _built_parts(ask, source, Splits(**rows), _in_memory(ask, source))
 
 
 def _part_seed(seed: int, part: int) -> int:
@@ -283,6 +328,13 @@ KINDS = (
     ),
     DomainKind("video", lambda name: _layout(name)[0] in LAYOUTS, _video_parts, _video_classes, clips=True),
     DomainKind("folder", lambda name: name.startswith(FOLDER_PREFIX), _folder_parts, num_classes),
+    DomainKind("domain set", lambda name: name.partition(":")[0] in DOMAIN_SETS, _domain_set_parts, domain_set_classes),
+    DomainKind(
+        "medmnist",
+        lambda name: name.partition(":")[0] == MEDMNIST,
+        _medmnist_parts,
+        lambda name: medmnist_classes(name.partition(":")[2] or None),
+    ),
     DomainKind("image source", lambda name: True, _image_parts, num_classes),
 )
 """In the order names are tried: the first kind that takes a name is its kind (any other name is an image source)."""

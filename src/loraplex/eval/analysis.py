@@ -61,7 +61,8 @@ def principal_angles(a: torch.Tensor, b: torch.Tensor) -> list[float]:
 
 
 def _branches(model: AdaptedModel, layer) -> dict[str, torch.Tensor]:
-    """Branch label → ΔW (float64) for every fixed-ΔW branch of one layer."""
+    """Branch label → ΔW (float64, ``out × in``; a conv's kernel as ``C_out × C_in·k²``) for every fixed-ΔW
+    branch of one layer."""
     deltas = {}
     for name, group in layer.groups.items():
         if group.routing == "always":
@@ -69,7 +70,8 @@ def _branches(model: AdaptedModel, layer) -> dict[str, torch.Tensor]:
         elif group.routing == "task":
             for t, task in enumerate(model.tasks):
                 deltas[f"{name}/{task}"] = group.delta_weight(t)
-    return {label: d.detach().double() for label, d in deltas.items()}
+    out = layer.base.weight.shape[0]
+    return {label: layer.to_weight_shape(d).reshape(out, -1).detach().double() for label, d in deltas.items()}
 
 
 @torch.no_grad()
@@ -78,7 +80,7 @@ def analyze_model(model: AdaptedModel, k: TruncationK = None) -> dict[str, Any]:
     layers = []
     blocks = block_indices(model.backbone)  # global indices, counted across Swin stages
     for name, layer in model.adapted_layers().items():
-        weight = layer.base.weight.detach().double()
+        weight = layer.base.weight.detach().double().flatten(1)  # a conv kernel as C_out × C_in·k²
         u_c = column_space(weight, k)
         entry: dict[str, Any] = {
             "layer": name,

@@ -163,3 +163,72 @@ def dense_maps(images: np.ndarray, columns: list[tuple[str, np.ndarray, str]]) -
         ax.set_xticks([])
         ax.set_yticks([])
     return _png(fig)
+
+
+def grouped_heatmap(
+    values: np.ndarray,
+    groups: list[tuple[str, int]],
+    column_labels: list[str],
+    *,
+    title: str,
+    xlabel: str,
+    colorbar_label: str,
+    vmin: float = 0.0,
+    vmax: float = 1.0,
+) -> bytes:
+    """A rows × columns heat-map whose consecutive rows form labelled groups ``(label, count)`` (in row order),
+    split by white lines: many samples' gate vectors at once, a task's block next to the others."""
+    cols = values.shape[1]
+    fig = Figure(figsize=(min(12.0, 2.6 + 0.55 * cols), 6.0), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(values, aspect="auto", interpolation="nearest", cmap="viridis", vmin=vmin, vmax=vmax)
+    ticks, start = [], 0
+    for i, (_, count) in enumerate(groups):
+        ticks.append(start + (count - 1) / 2)
+        start += count
+        if i < len(groups) - 1:
+            ax.axhline(start - 0.5, color="white", linewidth=2.0)
+    ax.set_yticks(ticks, [_text(label) for label, _ in groups])
+    ax.set_xticks(np.arange(cols), [_text(c) for c in column_labels])
+    ax.set_xlabel(_text(xlabel))
+    ax.set_title(_text(title), fontsize=11)
+    fig.colorbar(image, ax=ax, label=_text(colorbar_label), fraction=0.08)
+    return _png(fig)
+
+
+@dataclass
+class Matrix:
+    """One annotated matrix panel: small tables (task × task similarities, task × expert means) read as colours."""
+
+    title: str
+    values: np.ndarray
+    row_labels: list[str]
+    column_labels: list[str]
+    vmin: float = 0.0
+    vmax: float = 1.0
+
+
+ANNOTATE_MAX_CELLS = 256  # beyond this, numbers in cells are unreadable
+
+
+def matrices(panels: list[Matrix]) -> bytes:
+    """Side-by-side matrix heat-maps, each cell annotated with its value (2 decimals) when they fit."""
+    widths = [1.2 + 0.55 * max(p.values.shape[1], 2) for p in panels]
+    height = 1.6 + 0.45 * max(max(p.values.shape[0], 2) for p in panels)
+    fig = Figure(figsize=(sum(widths) + 0.8 * len(panels), height), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False, width_ratios=widths)[0]
+    for ax, panel in zip(axes, panels, strict=True):
+        image = ax.imshow(panel.values, cmap="viridis", vmin=panel.vmin, vmax=panel.vmax, interpolation="nearest")
+        rows, cols = panel.values.shape
+        if rows * cols <= ANNOTATE_MAX_CELLS:
+            middle = (panel.vmin + panel.vmax) / 2
+            for r in range(rows):
+                for c in range(cols):
+                    v = float(panel.values[r, c])
+                    color = "white" if v < middle else "black"
+                    ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=8, color=color)
+        ax.set_xticks(np.arange(cols), [_text(s) for s in panel.column_labels], rotation=30, ha="right")
+        ax.set_yticks(np.arange(rows), [_text(s) for s in panel.row_labels])
+        ax.set_title(_text(panel.title), fontsize=11)
+        fig.colorbar(image, ax=ax, fraction=0.05)
+    return _png(fig)

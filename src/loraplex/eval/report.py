@@ -424,41 +424,168 @@ def _analysis_row(row: dict[str, Any]) -> list[str]:
     return [row["branch"], str(row["layers"]), energy, f"{row['effective_rank']:.2f}", f"{row['numerical_rank']:.1f}"]
 
 
+def _file_stem(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def _analysis_figures(run: Run, directory: Path, figures: list[dict[str, Any]]) -> list[Block]:
+    """The PNGs an analysis lists (``{file, caption}``) that exist, named per run so two runs' never clash."""
+    blocks: list[Block] = []
+    for figure in figures if isinstance(figures, list) else []:
+        if not isinstance(figure, dict) or not isinstance(figure.get("file"), str):
+            continue
+        png = directory / Path(figure["file"]).name  # only files beside analysis.json
+        if png.is_file():
+            name = f"analysis_{_file_stem(run.name)}_{png.stem}"
+            blocks.append(Figure(name, png.read_bytes(), f"{run.name}: {figure.get('caption', '')}"))
+    return blocks
+
+
+GATE_SETUP_KEYS = ("router", "gate", "experts", "twd", "twd_dim", "temperature")
+GATES_INTRO = (
+    "Router gates (models with a router, e.g. MoLA-Router): on a seeded sample of each task's test split, each "
+    "task's mean gate over the experts, the cosine similarity of those means between tasks, the gate entropy "
+    "(divided by log E: 0 = one expert per sample, 1 = uniform), the entropy of a task's mean gate (how many "
+    "experts the task uses in all) and the share of samples whose largest gate is each expert. What to look for: "
+    "with TwD (method.twd > 0) the tasks' mean gates should separate, i.e. low off-diagonal cosine; with twd = 0 "
+    "the router may send every task to the same mixture (cosines near 1). Compare runs that differ in twd only."
+)
+
+
+def _gate_setup(run: Run, gates: dict[str, Any]) -> str:
+    """The method keys that shape the gates (twd …), from the analysis or else the run's config."""
+    setup = gates.get("setup")
+    if not isinstance(setup, dict):
+        method = _dig(run.config, "method") or {}
+        setup = {k: method[k] for k in GATE_SETUP_KEYS if isinstance(method, dict) and method.get(k) is not None}
+    return ", ".join(f"{k}={v}" for k, v in setup.items())
+
+
+def _cell(value: Any, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" if _is_number(value) else MISSING
+
+
+GATE_OVERVIEW = [
+    Column("run", kind="text"),
+    Column("method (gate setup)", kind="text"),
+    Column("experts"),
+    Column("samples / task"),
+    Column("mean off-diagonal cosine"),
+    Column("H / log E", "overall (tasks weighted equally)"),
+    Column("H(mean gate) / log E", "overall (tasks weighted equally)"),
+]
+
+
+def _gate_overview_row(run: Run, gates: dict[str, Any]) -> list[str]:
+    """One run's row of the table that puts runs with and without TwD side by side."""
+    h = gates["entropy"]
+    return [
+        run.name,
+        f"{run.method} ({_gate_setup(run, gates)})",
+        str(gates["experts"]),
+        " / ".join(map(str, sorted(set(gates["samples"].values())))),
+        _cell(gates["cosine_offdiag_mean"]),
+        _cell(h["overall_sample_normalised"]),
+        _cell(h["overall_of_mean_normalised"]),
+    ]
+
+
+def _gate_tables(gates: dict[str, Any]) -> list[Table]:
+    """Per task: mean gate, arg-max share and entropies; then the task × task cosine table of the mean gates."""
+    tasks, experts = gates["tasks"], int(gates["experts"])
+    h = gates["entropy"]
+    columns = [Column("task", kind="text"), Column("n")]
+    columns += [Column(f"e{e}", "mean gate") for e in range(experts)]
+    columns += [Column(f"e{e}", "arg-max share") for e in range(experts)]
+    columns += [Column("H / log E"), Column("H(mean gate) / log E")]
+    rows = []
+    for t, task in enumerate(tasks):
+        mean, share = gates["mean"][t] or [None] * experts, gates["argmax_share"][t] or [None] * experts
+        row = [task, str(gates["samples"][task])]
+        row += [_cell(v) for v in mean] + [_cell(v, 2) for v in share]
+        row += [_cell(h["sample_normalised"][t]), _cell(h["of_mean_normalised"][t])]
+        rows.append(row)
+    cosine = Table(
+        [Column("cosine", kind="text"), *[Column(task, "cosine between tasks' mean gates") for task in tasks]],
+        [[task, *[_cell(v) for v in gates["cosine"][t]]] for t, task in enumerate(tasks)],
+    )
+    return [Table(columns, rows), cosine]
+
+
+def _read_analysis(run: Run, blocks: list[Block]) -> dict[str, Any] | None:
+    """A run's analysis.json, or None (absent; or damaged, with a note saying so)."""
+    path = run.path / ANALYSIS
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise TypeError("not a JSON object")
+        return data
+    except (json.JSONDecodeError, TypeError) as e:
+        blocks.append(Notes([f"{run.name}: {ANALYSIS} is damaged ({type(e).__name__}: {e}); re-run loraplex analyze"]))
+        return None
+
+
 def _analysis_section(runs: list[Run]) -> Section | None:
-    """Per-branch means and the depth figures of every run that ``loraplex analyze`` has been run on."""
+    """Per-branch means and the depth figures of every run that ``loraplex analyze`` has been run on; then, for
+    runs with a router, the gate analysis of every such run, one after the other, led by a table comparing them."""
     columns = [Column("branch", kind="text"), Column("layers"), Column("column-space energy")]
     columns += [Column("effective rank"), Column("numerical rank")]
     blocks: list[Block] = []
+    gated: list[tuple[Run, dict[str, Any]]] = []
     for run in runs:
-        path = run.path / ANALYSIS
-        if not path.is_file():
+        data = _read_analysis(run, blocks)
+        if data is None:
             continue
         try:
-            data = json.loads(path.read_text())
             rows = [_analysis_row(row) for row in data["summary"]]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (KeyError, TypeError) as e:
             blocks.append(
                 Notes([f"{run.name}: {ANALYSIS} is damaged ({type(e).__name__}: {e}); re-run loraplex analyze"])
             )
             continue
-        blocks += [
-            f"{run.name} ({run.method}, {data.get('which', 'best')} adapters; means over layers):",
-            Table(columns, rows),
-        ]
-        stem = re.sub(r"[^A-Za-z0-9_.-]", "_", run.name)
-        for figure in data.get("figures", []):
-            png = path.parent / figure["file"]
-            if png.is_file():
-                name = f"analysis_{stem}_{Path(figure['file']).stem}"
-                blocks.append(Figure(name, png.read_bytes(), f"{run.name}: {figure['caption']}"))
-    if not blocks:
-        return None
-    intro = (
-        "Where each ΔW lives: the fraction of its energy in the column space of the frozen W (the rest is in the "
-        "left null space), its effective rank (Roy & Vetterli 2007) and numerical rank, and the principal angles "
-        "between branches' output subspaces, over depth."
-    )
-    return Section("Analysis", [intro, *blocks])
+        if rows:
+            blocks += [
+                f"{run.name} ({run.method}, {data.get('which', 'best')} adapters; means over layers):",
+                Table(columns, rows),
+            ]
+        if isinstance(data.get("notes"), list):  # e.g. why the ΔW part was skipped (a model without fixed ΔW)
+            blocks.append(Notes([f"{run.name}: {note}" for note in data["notes"]]))
+        blocks += _analysis_figures(run, (run.path / ANALYSIS).parent, data.get("figures", []))
+        if isinstance(data.get("gates"), dict):
+            gated.append((run, data["gates"]))
+    if any(not isinstance(block, Notes) for block in blocks):  # some run has ΔW numbers: say what they are
+        intro = (
+            "Where each ΔW lives: the fraction of its energy in the column space of the frozen W (the rest is in the "
+            "left null space), its effective rank (Roy & Vetterli 2007) and numerical rank, and the principal angles "
+            "between branches' output subspaces, over depth."
+        )
+        blocks.insert(0, intro)
+    if gated:
+        blocks += _gate_blocks(gated)
+    return Section("Analysis", blocks) if blocks else None
+
+
+def _gate_blocks(gated: list[tuple[Run, dict[str, Any]]]) -> list[Block]:
+    """The gate part of the analysis: a table comparing the runs, then per run its tables and figures."""
+    overview: list[list[str]] = []
+    per_run: list[Block] = []
+    for run, gates in gated:
+        try:
+            row, tables = _gate_overview_row(run, gates), _gate_tables(gates)
+        except (KeyError, TypeError, IndexError, ValueError) as e:
+            per_run.append(Notes([f"{run.name}: the gates entry of {ANALYSIS} is damaged ({type(e).__name__}: {e})"]))
+            continue
+        overview.append(row)
+        samples = ", ".join(f"{task} {n}" for task, n in gates["samples"].items())
+        per_run.append(
+            f"{run.name}: {run.method} ({_gate_setup(run, gates)}), {gates['experts']} experts; "
+            f"{gates.get('split', 'test')} samples per task: {samples}."
+        )
+        per_run += tables
+        per_run += _analysis_figures(run, (run.path / ANALYSIS).parent, gates.get("figures", []))
+    return [GATES_INTRO, *([Table(GATE_OVERVIEW, overview)] if overview else []), *per_run]
 
 
 def _predictions_section(groups: list[Group]) -> Section | None:

@@ -1,7 +1,8 @@
 """Registered methods.  Importing this package registers every method."""
 
-from . import baselines, mtlora, shared_specific
+from . import baselines, mola, mtlora, shared_specific
 from .baselines import FullFinetuneConfig, LinearProbeConfig, LoRAConfig, LoRAPerTaskConfig
+from .mola import MoLAGradConfig, MoLARouterConfig
 from .mtlora import MTLoRAConfig, MTLoRAPlusConfig
 from .registry import REGISTRY, AdapterPlan, MethodConfig, get_method, make_config, method_of, register
 from .shared_specific import SharedSpecificConfig
@@ -16,11 +17,14 @@ __all__ = [
     "MTLoRAConfig",
     "MTLoRAPlusConfig",
     "MethodConfig",
+    "MoLAGradConfig",
+    "MoLARouterConfig",
     "SharedSpecificConfig",
     "baselines",
     "get_method",
     "make_config",
     "method_of",
+    "mola",
     "mtlora",
     "register",
     "shared_specific",

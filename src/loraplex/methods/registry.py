@@ -1,4 +1,5 @@
-"""Method registry: a method is a config dataclass plus a ``plan`` that composes core pieces."""
+"""Method registry: a method is a config dataclass plus a ``plan`` that composes core pieces, and optionally
+its own training objective (the default: mean cross-entropy over the batch's samples)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import torch
+from torch import nn
+
 from ..core.inject import GroupSpec, Targets
+from ..core.model import MixedOutput
 from ..core.routing import MIXED_STRATEGIES
 
 DEFAULT_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
@@ -97,6 +102,17 @@ class AdapterPlan:
     targets: Targets
     blocks: list[int] | None = None
     modules_to_save: Targets = ()
+    router: Callable[[nn.Module], nn.Module] | None = None  # backbone → the router driving soft-routed groups
+
+
+Objective = Callable[[MethodConfig, MixedOutput, torch.Tensor, float], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+"""``(config, mixed output, labels, label smoothing) → (loss, metrics)`` of one training batch."""
+
+
+def sample_mean(config: MethodConfig, out: MixedOutput, labels: torch.Tensor, smoothing: float):
+    """Mean cross-entropy over the batch's samples, each through its own task's head.  Every sample weighs the
+    same, which keeps DDP exact: each rank's mean over ``B/w`` samples, averaged by DDP, is the global mean."""
+    return out.sample_losses(labels, smoothing).mean(), {}
 
 
 @dataclass
@@ -105,14 +121,15 @@ class Method:
     config_cls: type[MethodConfig]
     plan: Callable[[MethodConfig], AdapterPlan]
     doc: str = ""
+    objective: Objective = sample_mean
 
 
 REGISTRY: dict[str, Method] = {}
 
 
-def register(name: str, config_cls: type[MethodConfig]):
+def register(name: str, config_cls: type[MethodConfig], objective: Objective = sample_mean):
     def decorator(plan: Callable[[MethodConfig], AdapterPlan]):
-        REGISTRY[name] = Method(name, config_cls, plan, (plan.__doc__ or "").strip())
+        REGISTRY[name] = Method(name, config_cls, plan, (plan.__doc__ or "").strip(), objective)
         return plan
 
     return decorator

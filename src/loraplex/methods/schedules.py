@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from ..core.inject import BlockLayout, RankSchedule
+from ..core.inject import BlockLayout, RankSchedule, Site
 
 PlacementName = Literal["uniform", "upper_heavy", "lower_heavy"]
 PLACEMENTS: tuple[str, ...] = ("uniform", "upper_heavy", "lower_heavy")
@@ -59,3 +59,42 @@ def placed_rank(rank: int | Sequence[int], placement: str, key: str) -> int | li
             )
         return [int(r) for r in rank]
     return rank if placement == "uniform" else Placement(placement, rank)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class StagePlacement:
+    """A :data:`~loraplex.core.inject.SitePlacement` by stage, as MoLA places its experts on a ResNet.
+
+    ``stages`` are 0-based (a timm ResNet's ``layer1`` is stage 0; a ViT has one stage, a Swin one per
+    ``layers.<s>``) with one rank each in ``ranks``; ``stages=None`` puts ``rank`` (an int or a per-block
+    list) in every block instead.  Layers outside every block (a CNN's stem) get ``stem``; downsampling
+    layers between stages (ResNet projection shortcuts, Swin patch merging) get their stage's rank only
+    with ``downsample``."""
+
+    rank: int | tuple[int, ...] = 0
+    stages: tuple[int, ...] | None = None
+    ranks: tuple[int, ...] = ()
+    stem: int = 0
+    downsample: bool = False
+
+    def __call__(self, site: Site, layout: BlockLayout) -> int:
+        if site.downsample and not self.downsample:
+            return 0
+        if site.stage is None:
+            return self.stem
+        if self.stages is None:
+            if site.block is None:  # a downsampling layer outside the blocks (Swin's patch merging)
+                return self.rank if isinstance(self.rank, int) else 0
+            return self.rank if isinstance(self.rank, int) else _per_block(self.rank, site, layout)
+        if max(self.stages) >= len(layout.stages):
+            raise ValueError(
+                f"method.stages names stage {max(self.stages)}, but this backbone has {len(layout.stages)} stage(s) "
+                f"(0–{len(layout.stages) - 1}; a ResNet's layer1 is stage 0)"
+            )
+        return dict(zip(self.stages, self.ranks, strict=True)).get(site.stage, 0)
+
+
+def _per_block(ranks: Sequence[int], site: Site, layout: BlockLayout) -> int:
+    if len(ranks) != layout.count:
+        raise ValueError(f"method.rank lists {len(ranks)} per-block ranks, but this backbone has {layout.count} blocks")
+    return ranks[site.block]

@@ -2,9 +2,9 @@
 
 ``multidomain``: every sample (an image, or a clip for a frame-wise video backbone) belongs to one
 domain (task) with its own head; batches mix domains and run as one forward with per-sample task ids.
-The loss is the mean cross-entropy over the batch's samples (every sample weighs the same), so that
-the gradient of a batch sharded over ranks and averaged by DDP equals the gradient of the whole batch
-in one process.
+The loss is the method's objective (``methods.registry``): by default the mean cross-entropy over the
+batch's samples (every sample weighs the same), so that the gradient of a batch sharded over ranks and
+averaged by DDP equals the gradient of the whole batch in one process.
 
 Batches are read (decoded, for on-demand sources) as uint8 by a :class:`~loraplex.data.BatchLoader` —
 in ``data.workers`` processes when asked — and cross to the run's device as uint8 (a quarter of the
@@ -16,6 +16,7 @@ domain.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from ..data import DomainData, MultiDomainStream, to_model_input, to_tensor_batc
 from ..data.augment import Augment
 from ..data.loader import BatchLoader, eval_loader
 from ..eval.dense import DenseMeter, quality, task_loss
+from ..methods.registry import sample_mean
 from .placement import Placement
 
 
@@ -106,9 +108,12 @@ class MultiDomainRegime(StreamRegime):
         augment: bool = False,
         frames: int | None = None,
         label_smoothing: float = 0.0,
+        objective: Callable | None = None,
         **stream,
     ) -> None:
         super().__init__(splits, **stream)
+        # (mixed output, labels, smoothing) → (loss, metrics): the method's own, bound to its config
+        self.objective = objective or functools.partial(sample_mean, None)
         self.img_size = img_size
         self.frames = frames  # clips [B, T, ...] for a frame-wise backbone
         self.label_smoothing = label_smoothing
@@ -124,8 +129,8 @@ class MultiDomainRegime(StreamRegime):
 
     def loss(self, model: nn.Module, batch: MultiDomainBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = model(batch.images, task=batch.domains)
-        loss = out.sample_losses(batch.labels, self.label_smoothing).mean()
-        return loss, {"acc": (out.predictions() == batch.labels).float().mean()}
+        loss, metrics = self.objective(out, batch.labels, self.label_smoothing)
+        return loss, {"acc": (out.predictions() == batch.labels).float().mean(), **metrics}
 
     def evaluate(self, model: AdaptedModel, split: str) -> dict[str, float]:
         """Accuracy per domain (each domain through its own head) and their unweighted mean."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import socket
@@ -23,7 +24,7 @@ from ..data import DomainData, SourceMissingError
 from ..data.dense import TASK_OUTPUTS
 from ..data.domains import DENSE_DOMAINS, PARTS, dense_target_fn, domain_classes, domain_parts
 from ..eval.report import PREDICTIONS
-from ..methods import make_config
+from ..methods import MethodConfig, get_method, make_config
 from ..models import FrameWise, create_backbone, describe_backbone, write_zoo_entry, zoo_dir, zoo_entries
 from ..models.dense import SwinPyramid, TimmPyramid
 from .dist import Dist, init_from_env, shutdown
@@ -46,10 +47,14 @@ def build_backbone(config: RunConfig, *, load_weights: bool = True) -> torch.nn.
     return FrameWise(backbone, config.backbone.temporal_pooling, config.data.frames)
 
 
+def method_config(config: RunConfig) -> MethodConfig:
+    return make_config(config.method_name, **config.method_kwargs())
+
+
 def build_model(config: RunConfig, *, load_weights: bool = True) -> AdaptedModel:
     """Backbone + method + one head per domain, as the config says (no data needed), on the CPU in fp32:
     the backbone's fingerprint is taken there, before :func:`place` moves and casts it."""
-    method = make_config(config.method_name, **config.method_kwargs())
+    method = method_config(config)
     if config.train.regime == "multitask":
         heads, head = (
             {t: TASK_OUTPUTS[t] for t in config.data.tasks},
@@ -84,7 +89,7 @@ def domain_splits(config: RunConfig) -> dict[str, list[DomainData]]:
         try:
             parts = domain_parts(
                 name,
-                root=data.roots.get(name),
+                root=data.roots.get(name) or data.roots.get(name.partition(":")[0]),  # "vlcs:LabelMe" reads roots.vlcs
                 seed=data.seed,
                 train=data.train_per_domain,
                 val=data.val_per_domain,
@@ -150,6 +155,7 @@ def build_regime(config: RunConfig, dist: Dist) -> MultiDomainRegime | MultiTask
         augment=config.data.augment,
         frames=config.data.frames,
         label_smoothing=config.train.label_smoothing,
+        objective=functools.partial(get_method(config.method_name).objective, method_config(config)),
         **_stream_settings(config, dist),
     )
 
