@@ -43,6 +43,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DATASETS = {"hetero": ("digits_hetero.yaml", ["mnist", "digits", "fontdigits"]),
             "three_domain": ("three_domain.yaml", ["fashion", "mnist", "digits"])}  # fmt: skip
 BACKBONES = {"vit": ("vit_debian_tiny", list(DEFAULT_TARGETS)), "cnn": ("resnet_debian_tiny", list(CNN_TARGETS))}
+STRATEGY = {"vit": "bmm", "cnn": "slices"}  # on convs task routing is fastest per task segment (BENCHMARKS.md §6)
 MOLA_LR = {"train": {"lr": 5e-4}}  # full fine-tuning's rate: MoLA trains the backbone too
 
 
@@ -52,7 +53,8 @@ def rows(backbone: str) -> list[Row]:
 
     def method(name: str, **kw: object) -> dict:
         rank = {"stem_rank": 8, "downsample": True} if backbone == "cnn" and name.startswith("mola") else {}
-        return {"method": {"name": name, "rank": 8, "target_modules": targets, **rank, **kw}}
+        strategy = {"mixed_strategy": STRATEGY[backbone]}
+        return {"method": {"name": name, "rank": 8, "target_modules": targets, **rank, **strategy, **kw}}
 
     table = [
         cnn_floor(),
@@ -75,10 +77,11 @@ def step_cost(backbone: str, steps: int, batch: int = 64) -> dict[str, float]:
     one process with the methods interleaved step by step, so drift of the machine hits every method alike."""
     name, targets = BACKBONES[backbone]
     tasks = ["a", "b", "c"]
+    common = {"tasks": tasks, "rank": 8, "target_modules": targets, "mixed_strategy": STRATEGY[backbone]}
     configs = {
-        "one LoRA (r=8)": lp.make_config("lora", tasks=tasks, rank=8, target_modules=targets),
-        "MoLA-Grad (r=8)": lp.make_config("mola_grad", tasks=tasks, rank=8, target_modules=targets),
-        "MoLA-Router + TwD (r=8)": lp.make_config("mola_router", tasks=tasks, rank=8, target_modules=targets),
+        "one LoRA (r=8)": lp.make_config("lora", **common),
+        "MoLA-Grad (r=8)": lp.make_config("mola_grad", **common),
+        "MoLA-Router + TwD (r=8)": lp.make_config("mola_router", **common),
     }
     models, optimisers = {}, {}
     for row, cfg in configs.items():

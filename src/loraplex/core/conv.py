@@ -11,12 +11,12 @@ deltas are folded into the weight **functionally** (``W + ΔW`` is a new tensor 
 gradients and nothing accumulates):
 
 * one task for the batch (or shared branches only) — one conv with ``W + Σ ΔW``;
-* a mixed batch or soft gates, by the route's strategy — ``slices``: one conv per task segment with that
-  task's weight (the whole batch costs one frozen conv); ``bmm``: the frozen conv plus every sample's own
-  ``Σ_e g_e ΔW_e`` in one grouped conv (``groups = batch·g``: two convs' work whatever ``E``); ``masked``: the
-  frozen conv plus one conv through every expert's ``ΔW`` stacked along the output channels, mixed by the
-  gates (``1 + E`` convs' work).
-  Soft gates under ``slices`` take the ``masked`` path.  No kernel loops over samples.
+* a mixed batch or soft gates — ``slices`` (the batch sorted by task): one conv per task segment with that
+  task's kernel (the whole batch costs one frozen conv); otherwise (``bmm``, ``masked``, and soft gates
+  under any strategy): the frozen conv plus one conv through every expert's ``ΔW`` stacked along the output
+  channels, mixed per sample by the gates (one-hot for task routing) — ``1 + E`` convs' work.  A per-sample
+  kernel in one grouped conv (``groups = batch``) was measured 14× slower than the stacked kernel and 23×
+  slower than ``slices`` on a CPU (BENCHMARKS.md §6) and is not offered.  No kernel loops over samples.
 """
 
 from __future__ import annotations
@@ -82,24 +82,12 @@ class AdaptedConv2d(AdaptedLayer):
             return self._conv(x, weight, base.bias)
         if route.strategy == "slices" and all(g.routing == "task" for g, _ in mixed):
             return self._slices(x, weight, [g for g, _ in mixed], route)
-        if route.strategy == "bmm":
-            return self._per_sample(x, weight, mixed)
         return self._masked(x, weight, mixed)
 
     def _slices(self, x: torch.Tensor, weight: torch.Tensor, groups: list[LoRAGroup], route: Route) -> torch.Tensor:
         stacks = [self._stacked(g, weight.dtype) for g in groups]
         parts = [self._conv(x[i:j], weight + sum(s[t] for s in stacks), self.base.bias) for t, i, j in route.segments]
         return torch.cat(parts)
-
-    def _per_sample(self, x: torch.Tensor, weight: torch.Tensor, mixed: list) -> torch.Tensor:
-        """The frozen (+ shared) conv once, plus every sample's own ``Σ_e g_e ΔW_e`` in one grouped conv (kept
-        apart from ``W`` so that zero deltas add exact zeros: the backbone's output is unchanged at init)."""
-        batch = x.shape[0]
-        deltas = sum(
-            torch.einsum("be,e...->b...", g.to(weight.dtype), self._stacked(grp, weight.dtype)) for grp, g in mixed
-        )
-        y = self._conv(x.reshape(1, -1, *x.shape[2:]), deltas.reshape(-1, *weight.shape[1:]), None, groups=batch)
-        return self._conv(x, weight, self.base.bias) + y.view(batch, -1, *y.shape[2:])
 
     def _masked(self, x: torch.Tensor, weight: torch.Tensor, mixed: list) -> torch.Tensor:
         y = self._conv(x, weight, self.base.bias)
