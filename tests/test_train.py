@@ -97,12 +97,12 @@ def test_training_writes_logs_selection_and_results(tmp_path):
     assert results["params"]["trainable"] == results["params"]["adapter"] + results["params"]["head"]
 
 
-def _kill_after_checkpoint(cmd: list[str], run: Path, step: int) -> None:
-    """Start a real training process and SIGKILL it as soon as a checkpoint past ``step`` exists."""
+def kill_after_checkpoint(cmd: list[str], run: Path, step: int, checkpoint: str = "checkpoint.pt") -> None:
+    """Start a real training process and SIGKILL it as soon as ``run / checkpoint`` holds a step past ``step``."""
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while process.poll() is None and time.monotonic() < deadline:
-        ckpt = run / "checkpoint.pt"
+        ckpt = run / checkpoint
         if ckpt.exists() and torch.load(ckpt, weights_only=True)["loop"]["step"] >= step:
             process.send_signal(signal.SIGKILL)
             break
@@ -126,7 +126,7 @@ def test_a_killed_run_resumes_to_the_same_adapters(tmp_path, precision):
     path = tiny_config(tmp_path / "b", **sections)
     run = tmp_path / "b" / "run"
     cmd = [sys.executable, "-m", "loraplex", "train", str(path), "--no-progress"]
-    _kill_after_checkpoint(cmd, run, step=10)
+    kill_after_checkpoint(cmd, run, step=10)
     assert not (run / "results.json").exists()
     done = subprocess.run([*cmd, "--set", "data.workers=2"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

@@ -64,6 +64,9 @@ def randomize_adapters(model: nn.Module, seed: int = 1, std: float = 0.2) -> Non
         for name, p in model.named_parameters():
             if ".groups." in name or name.startswith(("banks.", "heads.", "router.")):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
+        for name, b in model.named_buffers():  # fixed down-projections (InfLoRA's A, set from data in a run)
+            if ".groups." in name and name.endswith(".A"):
+                b.copy_(torch.randn(b.shape, generator=g) * std)
 
 
 def images(batch: int = 6, size: int = 16, seed: int = 3) -> torch.Tensor:

@@ -63,10 +63,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_params(args: argparse.Namespace) -> int:
     from .api import count_parameters
+    from .methods import get_method
     from .train.runner import build_model
 
     config = load_config(args.config, args.overrides)
-    counts = count_parameters(build_model(config, load_weights=False))
+    model = build_model(config, load_weights=False)
+    counts = count_parameters(model)
+    if config.train.regime == "continual":  # what one task trains, beside the whole sequence's
+        from .train.runner import method_config
+
+        counts["per_task"] = get_method(config.method_name).continual(method_config(config)).per_task_parameters(model)
     if args.json:
         print(json.dumps(counts))
     else:
@@ -130,6 +136,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _results_table(results: dict) -> str:
+    if results.get("regime") == "continual":
+        from .eval.continual import results_table
+
+        return results_table(results)
     best, last = results["best"]["test"], results["last"]["test"]
     lines = [f"{'test metric':24s} {'best-val':>9s} {'last':>9s}"]
     lines += [f"{key:24s} {best[key]:9.4f} {last[key]:9.4f}" for key in best]

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from .data.dense import TASK_OUTPUTS
+from .data.sequence import check_sequence, sequence_task_names
 from .methods import get_method
 
 
@@ -64,6 +65,9 @@ class DataSection:
     tasks: list[str] = field(default_factory=list)  # dense tasks predicted on every image (regime multitask)
     workers: int = 0  # processes decoding batches (video, PASCAL, image folders); 0: on the training thread
     skip_unreadable: bool = False  # image files / clips that cannot be read: false stops at start-up, true skips them
+    # regime continual: split the one source's classes into this many tasks (class order from data.seed), or name
+    # each task's classes; null: each domain is a task (a domain sequence)
+    sequence: int | list[list[int]] | None = None
 
     def check(self) -> None:
         if self.workers < 0:
@@ -102,7 +106,12 @@ written (the whole ``output`` section, so a run directory may be moved), and how
 @dataclass
 class TrainSection:
     # multidomain: one domain (head) per sample; multitask: every data.tasks head on every image (dense)
-    regime: Literal["multidomain", "multitask"] = "multidomain"
+    # continual: a sequence of tasks (data.sequence / data.domains), each trained for train.steps
+    regime: Literal["multidomain", "multitask", "continual"] = "multidomain"
+    # continual: class (task unknown at test, one classifier over every class seen), domain (same labels, task
+    # unknown) or task (task id given); null: class for a class split, domain for a domain sequence
+    incremental: Literal["class", "domain", "task"] | None = None
+    joint: bool = False  # continual: train on every task at once (the upper bound), for steps × tasks steps
     task_weights: dict[str, float] = field(default_factory=dict)  # multitask loss weights (default 1 each)
     steps: int = 600
     batch_size: int = 64
@@ -258,7 +267,14 @@ def build_section(cls: type, data: Any, prefix: str) -> Any:
 
 
 def task_names(data: DataSection, train: TrainSection) -> list[str]:
+    if train.regime == "continual":
+        return sequence_task_names(data.domains, data.sequence)
     return list(data.tasks) if train.regime == "multitask" else list(data.domains)
+
+
+def incremental_setting(data: DataSection, train: TrainSection) -> str:
+    """The continual setting: as set, or class for a class split and domain for a domain sequence."""
+    return train.incremental or ("class" if data.sequence is not None else "domain")
 
 
 def check_precision(backbone: BackboneSection, train: TrainSection) -> None:
@@ -274,6 +290,20 @@ def check_tasks(data: DataSection, train: TrainSection) -> None:
         raise ConfigError(f"train.regime multitask needs data.tasks (some of {sorted(TASK_OUTPUTS)})")
     if train.regime != "multitask" and data.tasks:
         raise ConfigError("data.tasks is for train.regime multitask; multidomain runs have one head per domain")
+    if train.regime == "continual":
+        try:
+            check_sequence(data.domains, data.sequence)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        if incremental_setting(data, train) == "domain" and data.sequence is not None:
+            raise ConfigError("train.incremental domain keeps one label space across tasks: a class split "
+                              "(data.sequence) gives each task its own classes; use class or task")  # fmt: skip
+    else:
+        for key, value in (("data.sequence", data.sequence), ("train.incremental", train.incremental)):
+            if value is not None:
+                raise ConfigError(f"{key} is for train.regime continual")
+        if train.joint:
+            raise ConfigError("train.joint is for train.regime continual")
     stray = sorted(set(train.task_weights) - set(data.tasks))
     if stray:
         raise ConfigError(f"train.task_weights names {stray}, which are not in data.tasks {data.tasks}")

@@ -3,13 +3,15 @@
 A :class:`LoRAGroup` holds ``n`` branches of one kind on one layer, **stacked**: ``A: [n, r, in]``,
 ``B: [n, out, r]`` (n = 1 for a shared LoRA, n = tasks for task-specific LoRAs, n = E for experts).
 Whatever stores the factors — private parameters, coordinates in a subspace, a fixed down-projection,
-or a :class:`BasisBank` shared across layers — :meth:`LoRAGroup.factors` returns plain stacked
-effective factors, so routing, merging and export work on every kind alike.
+a :class:`BasisBank` shared across layers, or separate LoRAs on row blocks of a fused projection (the
+q / k / v thirds of timm's ``attn.qkv``) — :meth:`LoRAGroup.factors` returns plain stacked effective
+factors, so routing, merging and export work on every kind alike.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -45,8 +47,14 @@ class LoRAGroup(nn.Module):
     """``n`` stacked low-rank branches of one layer sharing rank, routing, dropout and constraints.
 
     ``scale`` is a buffer ``[n]`` (``alpha / r`` by default, a constant where a method says so).
-    ``routing`` says who fires: ``always`` (shared), ``task`` (the route's task per sample) or
-    ``soft`` (the route's gate weights).
+    ``routing`` says who fires: ``always`` (every branch: ``ΔW = Σ_i s_i B_i A_i``), ``task`` (the route's
+    task per sample) or ``soft`` (the route's gate weights).
+
+    ``row_slices`` makes each branch ``S`` separate LoRAs of rank ``r``, one per block of output rows
+    ``(start, stop)`` (all of one size ``d``): ``A`` is ``[n, S·r, in]`` and ``B`` the compact ``[n, S, d, r]``
+    (``S·r·(in + d)`` trained values per branch), and :meth:`factors` places each ``B_s`` in its rows and its
+    own ``r`` columns of an effective ``B: [n, out, S·r]`` — zeros elsewhere, so ``B A`` is exactly the sum of
+    the ``S`` row-block updates and every kernel, merge and export reads it as one LoRA of rank ``S·r``.
     """
 
     def __init__(
@@ -64,6 +72,7 @@ class LoRAGroup(nn.Module):
         input_space: Subspace | None = None,
         train_A: bool = True,
         bank: BasisBank | None = None,
+        row_slices: Sequence[tuple[int, int]] | None = None,
     ) -> None:
         super().__init__()
         if routing not in ("always", "task", "soft"):
@@ -74,17 +83,29 @@ class LoRAGroup(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         scales = [float(scale)] * n if isinstance(scale, int | float) else [float(s) for s in scale]
         self.register_buffer("scale", torch.tensor(scales))
+        # which branches train_only leaves trainable (read only while it is set); not state: never saved
+        self.register_buffer("branch_mask", torch.ones(n, dtype=torch.bool), persistent=False)
+        self._only: int | None = None
+        self._masked = False  # what the forward reads: a bool, so a compiled graph serves every trained branch
         self._bank = [bank] if bank is not None else []  # referenced, not owned: the model owns banks
         self._cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.row_slices = _checked_slices(row_slices, out_features) if row_slices is not None else None
+        if self.row_slices is not None and (bank is not None or output_space is not None):
+            raise ValueError("row-sliced branches take neither a basis bank nor an output subspace")
         if bank is not None:
             self.rank = bank.rank * bank.size
             self.Q = nn.Parameter(torch.zeros(n, bank.size, bank.rank, bank.rank))
             return
-        self.rank = rank
         a_cols = input_space.coordinate_dim() if input_space is not None else in_features
-        b_rows = output_space.coordinate_dim() if output_space is not None else out_features
-        a = torch.empty(n, rank, a_cols)
-        b = torch.zeros(n, b_rows, rank)
+        if self.row_slices is None:
+            self.rank = rank
+            b_rows = output_space.coordinate_dim() if output_space is not None else out_features
+            b = torch.zeros(n, b_rows, rank)
+        else:  # compact: each row block's own B_s [d, r]
+            start, stop = self.row_slices[0]
+            self.rank = rank * len(self.row_slices)
+            b = torch.zeros(n, len(self.row_slices), stop - start, rank)
+        a = torch.empty(n, self.rank, a_cols)
         if init == "lora":
             for i in range(n):
                 nn.init.kaiming_uniform_(a[i], a=math.sqrt(5))
@@ -104,6 +125,39 @@ class LoRAGroup(nn.Module):
     def bank(self) -> BasisBank | None:
         return self._bank[0] if self._bank else None
 
+    @property
+    def trained_branch(self) -> int | None:
+        """The branch :meth:`train_only` leaves trainable (None: every branch trains)."""
+        return self._only
+
+    def train_only(self, branch: int | None) -> None:
+        """Let gradients reach only ``branch``'s factors (None: every branch's again), so a continual method
+        trains the current task's branch of a stacked group and leaves the others exactly as they are.
+
+        The other branches' factors are detached inside :meth:`factors` (their gradient is exactly zero) and,
+        while this is set, :meth:`no_weight_decay` exempts the group's factors from AdamW's decoupled weight
+        decay, which would move them anyway — the trained branch goes without decay too.  Set it before the
+        optimizer is built, and build a fresh one after switching branches: Adam's moments would keep moving
+        the previous branch.  A bank shared by every branch keeps training; only each branch's ``Q`` is held."""
+        if branch is not None and not 0 <= branch < self.n:
+            raise ValueError(f"train_only: branch {branch} out of range for a group of {self.n} branches")
+        self._only, self._masked = branch, branch is not None
+        mask = torch.arange(self.n) == branch if branch is not None else torch.ones(self.n, dtype=torch.bool)
+        self.branch_mask.copy_(mask)  # in place: the buffer keeps its device; the index never reaches a graph
+
+    def no_weight_decay(self) -> set[str]:
+        """The factor parameters (names relative to this group) that must not decay while :meth:`train_only` is
+        set (read by the training loop's optimizer)."""
+        if not self._masked:
+            return set()
+        return {name for name, _ in self.named_parameters(recurse=False)}
+
+    def _held(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (stacked per branch) with every branch but the trained one detached, while train_only is set."""
+        if not self._masked:
+            return t
+        return torch.where(self.branch_mask.view(-1, *[1] * (t.dim() - 1)), t, t.detach())
+
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Effective stacked factors ``(A [n, R, in], B [n, out, R])`` after bank and constraints.
 
@@ -122,7 +176,7 @@ class LoRAGroup(nn.Module):
         """What built factors are made from; empty for plain pairs, which need no building."""
         bank = self.bank
         spaces = [s.basis for s in (self.input_space, self.output_space) if s is not None]
-        if bank is None and not spaces:
+        if bank is None and not spaces and self.row_slices is None:
             return []
         factors = [self.Q, bank.A, bank.B] if bank is not None else [self.A, self.B]
         return factors + spaces
@@ -133,20 +187,59 @@ class LoRAGroup(nn.Module):
             p, r = bank.size, bank.rank
             a = bank.A.reshape(1, p * r, -1).expand(self.n, -1, -1)
             # B_eff[:, :, h*r:(h+1)*r] = B_h @ Q_h  for every branch
-            b = torch.einsum("hor,nhrs->nohs", bank.B, self.Q).reshape(self.n, -1, p * r)
+            b = torch.einsum("hor,nhrs->nohs", bank.B, self._held(self.Q)).reshape(self.n, -1, p * r)
         else:
-            a, b = self.A, self.B
+            a, b = self._held(self.A), self._held(self.B)
+            if self.row_slices is not None:
+                b = self._placed(b)
         if self.input_space is not None:
             a = self.input_space.project_rows(a)
         if self.output_space is not None:
             b = self.output_space.project_columns(b)
         return a, b
 
-    def delta_weight(self, branch: int) -> torch.Tensor:
-        """``s_i B_i A_i`` (``out × in``) of one branch."""
+    def _placed(self, b: torch.Tensor) -> torch.Tensor:
+        """The compact ``[n, S, d, r]`` row-block factors as the effective ``[n, out, S·r]``: ``B_s`` in rows
+        ``row_slices[s]`` and columns ``s·r … (s+1)·r``, zeros elsewhere."""
+        n, count, _, r = b.shape
+        full = b.new_zeros(n, self.out_features, count, r)
+        for s, (start, stop) in enumerate(self.row_slices):
+            full[:, start:stop, s] = b[:, s]
+        return full.reshape(n, self.out_features, count * r)
+
+    def concatenated(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every branch side by side along the rank: ``A = [A_1; …; A_n]`` (``[n·R, in]``), ``B = [B_1 … B_n]``
+        (``[out, n·R]``) and each rank column's scale (``[n·R]``; a scalar for one branch), so that
+        ``B diag(s) A = Σ_i s_i B_i A_i``: what an ``always`` group fires, in one GEMM."""
+        a, b = self.factors()
+        if self.n == 1:
+            return a[0], b[0], self.scale[0]
+        n, r = a.shape[0], a.shape[1]
+        return a.reshape(n * r, -1), b.permute(1, 0, 2).reshape(b.shape[1], n * r), self.scale.repeat_interleave(r)
+
+    def delta_weight(self, branch: int | None) -> torch.Tensor:
+        """``s_i B_i A_i`` (``out × in``) of one branch, or with ``branch=None`` the sum over every branch (what
+        an ``always`` group fires)."""
+        if branch is None:
+            a, b, scale = self.concatenated()
+            return (b * scale) @ a
         a, b = self.factors()
         return self.scale[branch] * (b[branch] @ a[branch])
 
     def extra_repr(self) -> str:
         kind = "bank" if self.bank is not None else "pairs"
-        return f"n={self.n}, rank={self.rank}, routing={self.routing}, {kind}"
+        rows = f", rows={list(self.row_slices)}" if self.row_slices is not None else ""
+        return f"n={self.n}, rank={self.rank}, routing={self.routing}, {kind}{rows}"
+
+
+def _checked_slices(slices: Sequence[tuple[int, int]], out_features: int) -> tuple[tuple[int, int], ...]:
+    """Row blocks as a tuple (in the given order: block ``s`` is ``B[:, s]``): non-empty, of one size, inside the
+    output, not overlapping."""
+    found = tuple((int(start), int(stop)) for start, stop in slices)
+    ordered = sorted(found)
+    sizes = {stop - start for start, stop in found}
+    inside = all(0 <= start < stop <= out_features for start, stop in found)
+    apart = all(ordered[i][1] <= ordered[i + 1][0] for i in range(len(ordered) - 1))
+    if not found or len(sizes) != 1 or not inside or not apart:
+        raise ValueError(f"row slices {list(slices)} must be apart, of one size and inside {out_features} rows")
+    return found

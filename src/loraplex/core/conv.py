@@ -10,7 +10,8 @@ Unlike a linear layer, ``ΔW`` here is not a product a forward can apply cheaply
 deltas are folded into the weight **functionally** (``W + ΔW`` is a new tensor each forward: the adapters get
 gradients and nothing accumulates):
 
-* one task for the batch (or shared branches only) — one conv with ``W + Σ ΔW``;
+* one task for the batch (or shared branches only) — one conv with ``W + Σ ΔW`` (an ``always`` group adds
+  every one of its branches);
 * a mixed batch or soft gates — ``slices`` (the batch sorted by task): one conv per task segment with that
   task's kernel (the whole batch costs one frozen conv); otherwise (``bmm``, ``masked``, and soft gates
   under any strategy): the frozen conv plus one conv through every expert's ``ΔW`` stacked along the output
@@ -69,8 +70,8 @@ class AdaptedConv2d(AdaptedLayer):
         route, weight = ctx.route, base.weight
         mixed: list[tuple[LoRAGroup, torch.Tensor]] = []  # groups whose branch differs per sample, with gates
         for group in self.groups.values():
-            if group.routing == "always":
-                weight = weight + self._stacked(group, weight.dtype)[0]
+            if group.routing == "always":  # every branch fires
+                weight = weight + self._stacked(group, weight.dtype).sum(0)
             elif group.routing == "soft":
                 mixed.append((group, soft_gates(group, route)))
             elif route.index is not None:  # one task for the batch: a tensor index, one graph for every task

@@ -2,8 +2,12 @@
 
 Targets use PEFT's vocabulary: a list of module-name suffixes (``"attn.qkv"`` matches
 ``blocks.3.attn.qkv``) or one regular expression matched against the full name; they may name
-``nn.Linear`` and ``nn.Conv2d`` layers.  A **block index** is the position of a module's enclosing
-block container in registration order, counted across stages (ViT: ``blocks.0…``; Swin:
+``nn.Linear`` and ``nn.Conv2d`` layers.  A listed target may also name a **sub-module** of a fused
+projection: ``"attn.qkv.k"`` is the k third of the output rows of ``attn.qkv`` (timm's order q, k, v), and
+each such part of a layer gets its own LoRA (:class:`LoRAGroup`'s ``row_slices``).
+
+A **block index** is the position of a module's enclosing block container in registration order, counted
+across stages (ViT: ``blocks.0…``; Swin:
 ``layers.0.blocks.0``, ``layers.0.blocks.1``, ``layers.1.blocks.0`` … → 0, 1, 2 …; a timm ResNet:
 ``layer1.0``, ``layer1.1``, … ``layer4.2``), so rank schedules and block selections work on all three.
 
@@ -155,31 +159,58 @@ def block_of(name: str, blocks: dict[str, int]) -> int | None:
 
 
 def matches(name: str, targets: Targets) -> bool:
+    """Whether ``targets`` name the module ``name`` whole."""
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
+
+
+SUB_MODULES = ("q", "k", "v")
+"""What a target's last component may name inside a fused projection: the thirds of its output rows, in
+timm's order.  A layer has no child modules, so ``attn.qkv.k`` never also names a module whole."""
+
+
+def _sub_target(target: str) -> tuple[str, str] | None:
+    """``"attn.qkv.k"`` → ``("attn.qkv", "k")``; None for a target that names no q / k / v part."""
+    layer, _, part = target.rpartition(".")
+    return (layer, part) if layer and part in SUB_MODULES else None
+
+
+def sub_targets(name: str, targets: Targets) -> tuple[str, ...]:
+    """The q / k / v parts of the layer ``name`` that ``targets`` name, in row order (a regular expression
+    names whole modules only)."""
+    if isinstance(targets, str):
+        return ()
+    named = {split[1] for split in map(_sub_target, targets) if split and matches(name, [split[0]])}
+    return tuple(part for part in SUB_MODULES if part in named)
 
 
 ADAPTABLE = (nn.Linear, nn.Conv2d, AdaptedLayer)
 
 
 def find_targets(model: nn.Module, targets: Targets, blocks: Sequence[int] | None = None) -> list[str]:
-    """Names of the ``nn.Linear`` / ``nn.Conv2d`` layers matching ``targets`` (and in ``blocks``, if given)."""
+    """Names of the ``nn.Linear`` / ``nn.Conv2d`` layers ``targets`` name, whole or by q / k / v part (and in
+    ``blocks``, if given)."""
     index = block_indices(model)
     found = [
         name
         for name, module in model.named_modules()
         if isinstance(module, ADAPTABLE)
-        and matches(name, targets)
+        and (matches(name, targets) or sub_targets(name, targets))
         and (blocks is None or block_of(name, index) in set(blocks))
     ]
     if not found:
         layers = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
         sample = ", ".join(layers[:6]) + (" …" if len(layers) > 6 else "")
         where = f" in blocks {list(blocks)}" if blocks is not None else ""
+        subs = [split for split in map(_sub_target, targets) if split] if not isinstance(targets, str) else []
+        hint = ""
+        if subs:
+            layer, part = subs[0]
+            hint = f" ('{layer}.{part}' names the {part} rows of a fused q, k, v nn.Linear named like '…{layer}')"
         raise ValueError(
             f"target_modules {targets!r} matched no nn.Linear or nn.Conv2d{where} of {type(model).__name__}; "
-            f"its layers are named like: {sample or 'none'}"
+            f"its layers are named like: {sample or 'none'}{hint}"
         )
     return found
 
@@ -254,13 +285,15 @@ def inject(
         block = block_of(name, index)
         svd: dict = {}
         for group in groups:
-            if not matches(name, group.targets or targets):
+            whole, parts = matches(name, group.targets or targets), sub_targets(name, group.targets or targets)
+            if not (whole or parts):
                 continue
+            rows = _row_slices(group, layer, whole, parts)
             rank = group.rank_at(block, name, layout)
             if rank <= 0:
                 continue
             result.layers[name] = layer
-            layer.groups[group.name] = _build_group(group, layer, rank, result.banks, svd)
+            layer.groups[group.name] = _build_group(group, layer, rank, result.banks, svd, rows)
         if name in result.layers:
             setattr(parent, attr, layer)
     if not result.layers:
@@ -268,7 +301,43 @@ def inject(
     return result
 
 
-def _build_group(group: GroupSpec, layer: AdaptedLayer, rank: int, banks: dict[str, BasisBank], svd: dict) -> LoRAGroup:
+def _row_slices(
+    group: GroupSpec, layer: AdaptedLayer, whole: bool, parts: tuple[str, ...]
+) -> tuple[tuple[int, int], ...] | None:
+    """The output rows of each q / k / v part a group targets (None: the whole layer), or why this layer cannot
+    be split so."""
+    if not parts:
+        return None
+    where = f"{layer.name}: group {group.name!r} targets {', '.join(f'{layer.name}.{p}' for p in parts)}"
+    if whole:
+        raise ValueError(f"{where} and the whole layer at once: adapt the layer whole or by q / k / v parts, not both")
+    if not isinstance(layer, AdaptedLinear):
+        raise ValueError(f"{where}, but it is a convolution: q / k / v sub-targets name rows of a fused nn.Linear")
+    out = layer.out_features
+    if out % 3:
+        raise ValueError(
+            f"{where}, but its out_features {out} is not divisible by 3: q / k / v sub-targets name the thirds of "
+            "a fused q, k, v projection such as timm's attn.qkv"
+        )
+    if group.output_subspace is not None:
+        raise ValueError(f"{where} with an output subspace of W: sub-targets cannot be confined to one")
+    if group.bank_size > 0:
+        raise ValueError(
+            f"{where} with a shared basis bank: banks on q / k / v sub-modules are not supported yet (CLoRA will "
+            "add them later); target whole layers for a bank"
+        )
+    d = out // 3
+    return tuple((SUB_MODULES.index(p) * d, (SUB_MODULES.index(p) + 1) * d) for p in parts)
+
+
+def _build_group(
+    group: GroupSpec,
+    layer: AdaptedLayer,
+    rank: int,
+    banks: dict[str, BasisBank],
+    svd: dict,
+    row_slices: tuple[tuple[int, int], ...] | None = None,
+) -> LoRAGroup:
     if isinstance(layer, AdaptedConv2d):
         _check_conv_group(group, layer)
     out, inp = layer.out_features, layer.in_features
@@ -283,11 +352,13 @@ def _build_group(group: GroupSpec, layer: AdaptedLayer, rank: int, banks: dict[s
             raise ValueError(f"{layer.name}: a shared bank needs one rank per shape; got {rank} and {bank.rank}")
     output_space = _output_space(group.output_subspace, layer, group, rank, svd) if group.output_subspace else None
     # a conv branch in loralib's format may exceed its reshaped matrix's rank (MoLA's 7×7 stem at r = 8 does):
-    # the paper's parameter counts include it, so only linear layers are held to the bound
-    if rank > min(out, inp) and isinstance(layer, AdaptedLinear):
+    # the paper's parameter counts include it, so only linear layers are held to the bound (each part's rows)
+    rows = out if row_slices is None else row_slices[0][1] - row_slices[0][0]
+    if rank > min(rows, inp) and isinstance(layer, AdaptedLinear):
+        what = f"its {out}×{inp} weight has" if row_slices is None else f"each of its {rows}×{inp} q / k / v parts has"
         raise ValueError(
-            f"{layer.name}: group {group.name!r} has rank {rank}, but its {out}×{inp} weight has rank at most "
-            f"{min(out, inp)}: a larger rank adds parameters and no capacity; choose a rank ≤ {min(out, inp)}"
+            f"{layer.name}: group {group.name!r} has rank {rank}, but {what} rank at most {min(rows, inp)}: a larger "
+            f"rank adds parameters and no capacity; choose a rank ≤ {min(rows, inp)}"
         )
     input_space = None
     if group.input_subspace is not None:
@@ -312,6 +383,7 @@ def _build_group(group: GroupSpec, layer: AdaptedLayer, rank: int, banks: dict[s
         input_space=input_space,
         train_A=group.train_A,
         bank=bank,
+        row_slices=row_slices,
     ).to(layer.base.weight.device)
 
 

@@ -50,8 +50,8 @@ class AdaptedLayer(nn.Module):
         return delta
 
     def delta_weight(self, task: int | None) -> torch.Tensor:
-        """The input-independent ``ΔW`` that fires for ``task`` (shared groups plus that task's branch), in the
-        frozen weight's shape."""
+        """The input-independent ``ΔW`` that fires for ``task`` (every branch of the shared groups plus that task's
+        branch), in the frozen weight's shape."""
         deltas = []
         for key, group in self.groups.items():
             if group.routing == "soft":
@@ -60,7 +60,7 @@ class AdaptedLayer(nn.Module):
                     "to merge or export"
                 )
             if group.routing == "always":
-                deltas.append(group.delta_weight(0))
+                deltas.append(group.delta_weight(None))
             elif task is not None:
                 deltas.append(group.delta_weight(task))
         return self.to_weight_shape(sum(deltas)) if deltas else torch.zeros_like(self.base.weight)
@@ -98,7 +98,7 @@ class AdaptedLinear(AdaptedLayer):
         Returns ``(y_shared, y_tasks)`` with ``y_shared = W x_sh + b + Σ_always s B A drop(x_sh)`` and
         ``y_tasks[t] = W x_sh + b + s_t B_t A_t x_t`` (``x_t = drop(x_sh)`` — the same dropout mask as the
         shared LoRA's — when ``x_tasks`` is None).  The task path deliberately omits the shared delta, as
-        MTLoRA's task-specific layers do.
+        MTLoRA's task-specific layers do.  Shared groups here hold one branch each.
         """
         if self.context.merged:
             raise RuntimeError(f"{self.name}: task streams cannot run on merged weights (shared delta counted twice)")
@@ -107,6 +107,8 @@ class AdaptedLinear(AdaptedLayer):
         if task_group is None:
             raise ValueError(f"{self.name}: forward_streams needs a task-routed group on this layer")
         shared = [g for g in self.groups.values() if g.routing == "always"]
+        if any(g.n > 1 for g in shared):
+            raise ValueError(f"{self.name}: forward_streams runs always-on groups of one branch each, not stacked ones")
         # the task LoRAs that read the shared input read it through the shared LoRA's dropout, with the same
         # mask (MTLoRA's code drops the input once and hands it to both)
         dropped = shared[0].dropout(x_shared) if shared else x_shared
@@ -129,15 +131,17 @@ class AdaptedLinear(AdaptedLayer):
 
 
 def _low_rank_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``y += scale · (x Aᵀ) Bᵀ`` in place; the scale multiplies the rank-r intermediate (cheapest place)."""
+    """``y += (x Aᵀ) diag(scale) Bᵀ`` in place (``scale`` one value, or one per rank column); the scale multiplies
+    the rank-r intermediate (cheapest place)."""
     h = (x @ a.to(x.dtype).T).to(y.dtype) * scale.to(y.dtype)
     y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.to(y.dtype).T)
     return y
 
 
 def _always(group: LoRAGroup, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    a, b = group.factors()
-    return _low_rank_(y, group.dropout(x), a[0], b[0], group.scale[0])
+    """Every branch fires: one GEMM through the branches' factors concatenated along the rank."""
+    a, b, scale = group.concatenated()
+    return _low_rank_(y, group.dropout(x), a, b, scale)
 
 
 def add_group_output(group: LoRAGroup, x: torch.Tensor, y: torch.Tensor, route: Route) -> torch.Tensor:

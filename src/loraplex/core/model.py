@@ -224,6 +224,21 @@ class AdaptedModel(nn.Module):
         finally:
             ctx.set(previous)
 
+    @contextlib.contextmanager
+    def recording(self, recorders: dict[str, object]) -> Iterator[None]:
+        """While inside, every adapted layer named in ``recorders`` hands its input to that recorder's
+        ``observe(x)`` (a :class:`~loraplex.core.subspace.FeatureMemory`, for instance) before its forward."""
+        unknown = sorted(set(recorders) - set(self.adapted_layers()))
+        if unknown:
+            raise ValueError(
+                f"no adapted layer named {unknown[:3]} to record; adapted: {list(self.adapted_layers())[:3]} …"
+            )
+        previous, self.context.recorders = self.context.recorders, dict(recorders)
+        try:
+            yield
+        finally:
+            self.context.recorders = previous
+
     def _features(self, x: torch.Tensor, route: Route, gates: torch.Tensor | None = None) -> torch.Tensor:
         gates, _ = self.gated(x, gates)
         with self.routed(dataclasses.replace(route, weights=gates) if gates is not None else route):

@@ -359,11 +359,13 @@ def export_peft(
 ) -> Path:
     """Write shared + ``task`` deltas as one plain PEFT LoRA (rank = sum of the branch ranks).
 
-    Each layer's branches are concatenated along the rank: ``A = [A_1; A_2; …]``,
-    ``B = [s_1 B_1, s_2 B_2, …]`` with ``lora_alpha = r`` (PEFT scaling 1), so
-    ``B A = Σ s_i B_i A_i`` exactly; bank-built and subspace-constrained branches export through
-    their effective factors.  ``include_head`` writes the task head as the backbone's classifier
-    (``modules_to_save``): load it on the same timm model created with that head's class count.
+    Each layer's branches (every branch of an ``always`` group, the task's of a ``task`` group) are
+    concatenated along the rank: ``A = [A_1; A_2; …]``, ``B = [s_1 B_1, s_2 B_2, …]`` with
+    ``lora_alpha = r`` (PEFT scaling 1), so ``B A = Σ s_i B_i A_i`` exactly; bank-built,
+    subspace-constrained and row-sliced (q / k / v) branches export through their effective factors
+    (a row-sliced one: a LoRA on the whole layer whose ``B`` is zero outside its rows).  ``include_head``
+    writes the task head as the backbone's classifier (``modules_to_save``): load it on the same timm
+    model created with that head's class count.
     """
     if model.streams:
         raise ValueError(
@@ -389,9 +391,12 @@ def export_peft(
                 )
             if group.routing == "task" and t is None:
                 continue
-            branch = 0 if group.routing == "always" else t
-            a, b = group.factors()
-            a_branch, b_branch = a[branch], group.scale[branch] * b[branch]
+            if group.routing == "always":  # every branch fires
+                a_branch, b_branch, scale = group.concatenated()
+            else:
+                a, b = group.factors()
+                a_branch, b_branch, scale = a[t], b[t], group.scale[t]
+            b_branch = scale * b_branch
             if isinstance(layer, AdaptedConv2d):
                 a_branch, b_branch = _peft_conv_factors(layer, a_branch, b_branch)
             a_parts.append(a_branch)

@@ -137,11 +137,19 @@ class FeatureMemory:
     input energy: ``‖Mᵀ X‖² + Σ_{i≤k} σ_i² ≥ ε ‖X‖²`` with σ from the residual ``(I − M Mᵀ) X``.
     The per-task bases are kept too (DualLoRA needs ``U_t`` beside ``M = [U_1 … U_t]``).  Statistics and
     bases live on the device of the inputs observed (a GPU run never copies activations to the host).
+
+    ``energy="covariance"`` is InfLoRA's variant (its code runs GPM's rule on the input covariance ``C`` as if it
+    were the representation matrix): every rule above then reads ``C²`` for ``C`` — the energy of a direction is
+    its squared covariance eigenvalue, and :meth:`residual_directions` are the left singular vectors of
+    ``(I − M Mᵀ) C``, InfLoRA's design matrix for a new task's down-projection.
     """
 
-    def __init__(self, dim: int, cls_only: bool = False) -> None:
+    def __init__(self, dim: int, cls_only: bool = False, energy: Literal["inputs", "covariance"] = "inputs") -> None:
+        if energy not in ("inputs", "covariance"):
+            raise ValueError(f"unknown memory energy {energy!r}; choose 'inputs' (GPM) or 'covariance' (InfLoRA)")
         self.dim = dim
         self.cls_only = cls_only
+        self.energy = energy
         self.basis = torch.zeros(dim, 0, dtype=torch.float64)
         self.task_bases: list[torch.Tensor] = []
         self.reset_statistics()
@@ -164,7 +172,7 @@ class FeatureMemory:
 
     def _residual_eigen(self) -> tuple[torch.Tensor, torch.Tensor, float, float]:
         m = self.basis
-        c = self.covariance
+        c = self.covariance if self.energy == "inputs" else self.covariance @ self.covariance
         projector = torch.eye(self.dim, dtype=c.dtype, device=c.device) - m @ m.T
         residual = projector @ c @ projector
         evals, evecs = torch.linalg.eigh(residual)
@@ -172,7 +180,14 @@ class FeatureMemory:
         return order, evecs.flip(1), float(c.trace()), float((m.T @ c @ m).trace())
 
     def residual_directions(self, rank: int) -> torch.Tensor:
-        """Top-``rank`` directions of the observed inputs outside the memory (InfLoRA's fixed ``A``)."""
+        """Top-``rank`` directions of the observed inputs outside the memory (InfLoRA's fixed ``A``), ``[dim, rank]``;
+        a rank beyond the room the memory leaves is an error."""
+        room = self.dim - self.basis.shape[1]
+        if rank > room:
+            raise ValueError(
+                f"rank {rank} does not fit: the memory holds {self.basis.shape[1]} of {self.dim} input directions, "
+                f"leaving {room}; lower the rank or the memory threshold"
+            )
         _, evecs, _, _ = self._residual_eigen()
         return evecs[:, :rank].float()
 
@@ -197,3 +212,15 @@ class FeatureMemory:
     @property
     def memory(self) -> torch.Tensor:
         return self.basis.float()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The memory and the per-task bases (statistics are per task and not kept)."""
+        return {"basis": self.basis, **{f"task{t}": b for t, b in enumerate(self.task_bases)}}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        basis = state["basis"]
+        if basis.dim() != 2 or basis.shape[0] != self.dim:
+            raise ValueError(f"a memory of {self.dim}-dim inputs cannot hold a basis of shape {tuple(basis.shape)}")
+        self.basis = basis.to(torch.float64)
+        self.task_bases = [state[f"task{t}"].float() for t in range(sum(k.startswith("task") for k in state))]
+        self.reset_statistics()

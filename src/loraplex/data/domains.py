@@ -1,12 +1,16 @@
 """From a domain name in a run config to its train / val / test :class:`DomainData`.
 
-Five kinds of domain, told apart by name once per name (:func:`domain_kind` picks the first of :data:`KINDS` that
+Kinds of domain, told apart by name once per name (:func:`domain_kind` picks the first of :data:`KINDS` that
 takes it; each kind says whether it is clips, its class count, how its parts are built and its dense targets):
 
 * an image source (``fashion``, ``mnist``, ``digits``, ``folder:<path>`` …, see :mod:`.sources`); a folder (a kind
   of its own in :data:`KINDS`) is split from its labels alone and its parts decode their files on demand, at the
   run's input size.  The path may be relative (to the current directory), start with ``~``, contain dots; every
   file is checked to be readable first (:func:`~.sources.readable_folder`);
+* the continual-learning papers' sets, read from ``data.roots``: ``cifar100`` / ``cifar10`` (image sources, the
+  binary distribution with its official test split), ``imagenet_r`` (a folder of 200 classes without a test split:
+  :data:`~.sources.imagenet_r.IMAGENET_R_TEST` of it held out by seed) and ``domainnet:<domain>`` (its files listed
+  by the official train / test lists, every one checked to exist); the last two decoded on demand;
 * ``motion:<image source>`` — the offline video benchmark (benchmarks.md #2): clips in which an image
   of the source moves along one of :data:`~.motion.PATTERNS`, the pattern being the class.  The
   source's images are split first (stratified), and each part's clips are made from that part's images
@@ -54,7 +58,9 @@ from .sources import (
     num_classes,
     readable_folder,
 )
+from .sources.domainnet import DOMAINNET, domainnet_classes, domainnet_files
 from .sources.domainsets import DOMAIN_SET_TEST, DOMAIN_SETS, domain_set_classes, domain_set_files
+from .sources.imagenet_r import IMAGENET_R, IMAGENET_R_TEST, imagenet_r_files
 from .sources.medmnist import MEDMNIST, medmnist_classes
 from .splits import Splits, class_balanced, split
 from .stream import DomainData
@@ -166,14 +172,36 @@ def _domain_set_parts(ask: Ask) -> dict[str, DomainData]:
     """A domain of VLCS / Office-Home: its folder under the dataset's root, parted as a folder is (without
     ``test_per_domain``, :data:`~.sources.domainsets.DOMAIN_SET_TEST` of it is the test part)."""
     classes, paths, labels = domain_set_files(ask.name, ask.root, skip_unreadable=ask.skip_unreadable)
-    if ask.counts["test"] is None:  # no official test split: hold out a fixed share, stratified
-        ask = dataclasses.replace(ask, counts={**ask.counts, "test": round(DOMAIN_SET_TEST * len(labels))})
-    return _file_parts(ask, classes, paths, labels)
+    return _file_parts(_held_out(ask, DOMAIN_SET_TEST, len(labels)), classes, paths, labels)
 
 
-def _file_parts(ask: Ask, classes: list[str], paths: list, labels: torch.Tensor) -> dict[str, DomainData]:
-    """Image files split by seed from their labels alone; each part decodes its files on demand."""
-    source = ImageSource(ask.name, torch.empty(0, dtype=torch.uint8), labels, classes)  # labels suffice to split
+def _imagenet_r_parts(ask: Ask) -> dict[str, DomainData]:
+    """ImageNet-R's class folders, parted as a folder is (without ``test_per_domain``,
+    :data:`~.sources.imagenet_r.IMAGENET_R_TEST` of it is the test part: the papers' 80 / 20)."""
+    classes, paths, labels = imagenet_r_files(ask.root, skip_unreadable=ask.skip_unreadable)
+    return _file_parts(_held_out(ask, IMAGENET_R_TEST, len(labels)), classes, paths, labels)
+
+
+def _domainnet_parts(ask: Ask) -> dict[str, DomainData]:
+    """A DomainNet domain's listed files, its test list the official test split."""
+    files = domainnet_files(ask.name, ask.root, skip_unreadable=ask.skip_unreadable)
+    return _file_parts(ask, files.classes, files.paths, files.labels, files.official_test)
+
+
+def _held_out(ask: Ask, share: float, total: int) -> Ask:
+    """``ask`` with ``share`` of the ``total`` images as its test count when none is given: a dataset without an
+    official test split holds out a fixed share (stratified, seeded)."""
+    if ask.counts["test"] is not None:
+        return ask
+    return dataclasses.replace(ask, counts={**ask.counts, "test": round(share * total)})
+
+
+def _file_parts(
+    ask: Ask, classes: list[str], paths: list, labels: torch.Tensor, official_test: torch.Tensor | None = None
+) -> dict[str, DomainData]:
+    """Image files split by seed from their labels alone (and ``official_test``, the files of the dataset's own test
+    split, when it has one); each part decodes its files on demand."""
+    source = ImageSource(ask.name, torch.empty(0, dtype=torch.uint8), labels, classes, official_test)
 
     def part_domain(index: torch.Tensor, size: int) -> DomainData:
         return FolderDomain(ask.name, [paths[i] for i in index.tolist()], labels[index], len(classes), size)
@@ -329,6 +357,13 @@ KINDS = (
     DomainKind("video", lambda name: _layout(name)[0] in LAYOUTS, _video_parts, _video_classes, clips=True),
     DomainKind("folder", lambda name: name.startswith(FOLDER_PREFIX), _folder_parts, num_classes),
     DomainKind("domain set", lambda name: name.partition(":")[0] in DOMAIN_SETS, _domain_set_parts, domain_set_classes),
+    DomainKind(IMAGENET_R, lambda name: name == IMAGENET_R, _imagenet_r_parts, num_classes),
+    DomainKind(
+        DOMAINNET,
+        lambda name: name.partition(":")[0] == DOMAINNET,
+        _domainnet_parts,
+        lambda name: domainnet_classes(name.partition(":")[2]),
+    ),
     DomainKind(
         "medmnist",
         lambda name: name.partition(":")[0] == MEDMNIST,

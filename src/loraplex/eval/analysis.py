@@ -65,8 +65,8 @@ def _branches(model: AdaptedModel, layer) -> dict[str, torch.Tensor]:
     branch of one layer."""
     deltas = {}
     for name, group in layer.groups.items():
-        if group.routing == "always":
-            deltas[name] = group.delta_weight(0)
+        if group.routing == "always":  # every branch fires
+            deltas[name] = group.delta_weight(None)
         elif group.routing == "task":
             for t, task in enumerate(model.tasks):
                 deltas[f"{name}/{task}"] = group.delta_weight(t)

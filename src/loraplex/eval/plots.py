@@ -225,6 +225,8 @@ def matrices(panels: list[Matrix]) -> bytes:
             for r in range(rows):
                 for c in range(cols):
                     v = float(panel.values[r, c])
+                    if math.isnan(v):  # not scored (a task not yet learned)
+                        continue
                     color = "white" if v < middle else "black"
                     ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=8, color=color)
         ax.set_xticks(np.arange(cols), [_text(s) for s in panel.column_labels], rotation=30, ha="right")
@@ -232,3 +234,11 @@ def matrices(panels: list[Matrix]) -> bytes:
         ax.set_title(_text(panel.title), fontsize=11)
         fig.colorbar(image, ax=ax, fraction=0.05)
     return _png(fig)
+
+
+def accuracy_matrix(matrix: list[list[float | None]], tasks: list[str], title: str) -> bytes:
+    """A continual run's ``R[i, j]`` (accuracy on task j after learning task i) as an annotated heat-map; tasks not
+    yet learned are left blank."""
+    values = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
+    rows = [f"after {t}" for t in tasks[: len(matrix)]]
+    return matrices([Matrix(title, values, rows, list(tasks))])

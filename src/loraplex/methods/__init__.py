@@ -1,16 +1,19 @@
 """Registered methods.  Importing this package registers every method."""
 
-from . import baselines, mola, mtlora, shared_specific
+from . import baselines, inflora, mola, mtlora, shared_specific
 from .baselines import FullFinetuneConfig, LinearProbeConfig, LoRAConfig, LoRAPerTaskConfig
+from .inflora import InfLoRAConfig
 from .mola import MoLAGradConfig, MoLARouterConfig
 from .mtlora import MTLoRAConfig, MTLoRAPlusConfig
-from .registry import REGISTRY, AdapterPlan, MethodConfig, get_method, make_config, method_of, register
+from .registry import REGISTRY, AdapterPlan, Continual, MethodConfig, get_method, make_config, method_of, register
 from .shared_specific import SharedSpecificConfig
 
 __all__ = [
     "REGISTRY",
     "AdapterPlan",
+    "Continual",
     "FullFinetuneConfig",
+    "InfLoRAConfig",
     "LinearProbeConfig",
     "LoRAConfig",
     "LoRAPerTaskConfig",
@@ -22,6 +25,7 @@ __all__ = [
     "SharedSpecificConfig",
     "baselines",
     "get_method",
+    "inflora",
     "make_config",
     "method_of",
     "mola",

@@ -4,15 +4,16 @@ its own training objective (the default: mean cross-entropy over the batch's sam
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 from torch import nn
 
+from ..core.branches import LoRAGroup
 from ..core.inject import GroupSpec, Targets
-from ..core.model import MixedOutput
+from ..core.model import AdaptedModel, MixedOutput
 from ..core.routing import MIXED_STRATEGIES
 
 DEFAULT_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
@@ -115,6 +116,74 @@ def sample_mean(config: MethodConfig, out: MixedOutput, labels: torch.Tensor, sm
     return out.sample_losses(labels, smoothing).mean(), {}
 
 
+Inputs = Callable[[], Iterator[torch.Tensor]]
+"""A task's training images as model input, batch by batch (each call starts over): what hooks collect features on."""
+
+
+class Continual:
+    """How a method learns a sequence of tasks (``train.regime: continual``); the default is every baseline's.
+
+    * :meth:`before_task` / :meth:`after_task` run around each task's training (collect features, set fixed
+      factors, grow a memory).  The default trains one branch per task in every group that holds one branch per
+      task (a task-routed group, or an always-on stack such as InfLoRA's), so earlier tasks' branches stay as they
+      were (their factors are exempt from weight decay while this holds);
+    * :meth:`unknown_task` is how the model runs when the task is not given (class- and domain-incremental
+      evaluation): by default the shared route (always-on groups only); a model whose features need the task (a
+      task-routed group) cannot be scored without it;
+    * :meth:`state_dict` / :meth:`load_state_dict`: what the method keeps beside the model's tensors (a feature
+      memory), written after every task so a killed sequence resumes where it was.
+    """
+
+    def __init__(self, config: MethodConfig) -> None:
+        self.config = config
+        self.tasks = len(config.tasks)
+
+    def before_task(self, model: AdaptedModel, task: int, inputs: Inputs) -> None:
+        for group in per_task_groups(model, self.tasks):
+            group.train_only(task)
+
+    def after_task(self, model: AdaptedModel, task: int, inputs: Inputs) -> None:
+        for group in per_task_groups(model, self.tasks):
+            group.train_only(None)
+
+    def unknown_task(self, model: AdaptedModel) -> None:
+        """Check the model can run without a task id (the route it then takes is the shared one)."""
+        routed = sorted({name for name, layer in model.adapted_layers().items() for g in layer.groups.values()
+                         if g.routing == "task"})  # fmt: skip
+        if routed:
+            raise ValueError(
+                f"{model.method_name}'s features depend on the task ({routed[0]} has task-routed branches): it is "
+                "scored with the task id given (train.incremental: task), not class- or domain-incrementally"
+            )
+
+    def per_task_parameters(self, model: AdaptedModel) -> int:
+        """Parameters one task trains: a per-task group's share, every other trainable tensor whole (heads: one)."""
+        groups = per_task_groups(model, self.tasks)
+        per_group = {id(p): g.n for g in groups for p in g.parameters(recurse=False)}
+        total = 0
+        for name, p in model.named_parameters():
+            if not p.requires_grad or name.startswith("heads."):
+                continue
+            total += p.numel() // per_group.get(id(p), 1)
+        return total + max(sum(p.numel() for p in head.parameters()) for head in model.heads)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
+
+def per_task_groups(model: AdaptedModel, tasks: int) -> list[LoRAGroup]:
+    """The groups holding one branch per task of a ``tasks``-long sequence (trained one at a time)."""
+    return [
+        g
+        for layer in model.adapted_layers().values()
+        for g in layer.groups.values()
+        if g.n == tasks and g.routing in ("task", "always") and tasks > 1
+    ]
+
+
 @dataclass
 class Method:
     name: str
@@ -122,14 +191,20 @@ class Method:
     plan: Callable[[MethodConfig], AdapterPlan]
     doc: str = ""
     objective: Objective = sample_mean
+    continual: type[Continual] = Continual
 
 
 REGISTRY: dict[str, Method] = {}
 
 
-def register(name: str, config_cls: type[MethodConfig], objective: Objective = sample_mean):
+def register(
+    name: str,
+    config_cls: type[MethodConfig],
+    objective: Objective = sample_mean,
+    continual: type[Continual] = Continual,
+):
     def decorator(plan: Callable[[MethodConfig], AdapterPlan]):
-        REGISTRY[name] = Method(name, config_cls, plan, (plan.__doc__ or "").strip(), objective)
+        REGISTRY[name] = Method(name, config_cls, plan, (plan.__doc__ or "").strip(), objective, continual)
         return plan
 
     return decorator

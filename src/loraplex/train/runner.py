@@ -23,10 +23,13 @@ from ..core.state import atomic_write
 from ..data import DomainData, SourceMissingError
 from ..data.dense import TASK_OUTPUTS
 from ..data.domains import DENSE_DOMAINS, PARTS, dense_target_fn, domain_classes, domain_parts
+from ..data.sequence import ContinualTask, build_sequence, task_parts
 from ..eval.report import PREDICTIONS
 from ..methods import MethodConfig, get_method, make_config
 from ..models import FrameWise, create_backbone, describe_backbone, write_zoo_entry, zoo_dir, zoo_entries
 from ..models.dense import SwinPyramid, TimmPyramid
+from .continual import STATE as CONTINUAL_STATE
+from .continual import train_continual
 from .dist import Dist, init_from_env, shutdown
 from .loop import CHECKPOINT, announcer, fit
 from .placement import Placement, hold_frozen, resolve_device
@@ -60,6 +63,8 @@ def build_model(config: RunConfig, *, load_weights: bool = True) -> AdaptedModel
             {t: TASK_OUTPUTS[t] for t in config.data.tasks},
             {"kind": "dense", "out_size": config.backbone.img_size},
         )
+    elif config.train.regime == "continual":
+        heads, head = {t.name: t.classes_count for t in continual_tasks(config)}, None
     else:
         try:
             heads, head = {d: domain_classes(d) for d in config.data.domains}, None
@@ -72,6 +77,17 @@ def build_model(config: RunConfig, *, load_weights: bool = True) -> AdaptedModel
         raise ConfigError(f"method: {err}") from err
     model.backbone_info["source"] = describe_backbone(config.backbone)  # named by errors about this backbone
     return model
+
+
+def continual_tasks(config: RunConfig) -> list[ContinualTask]:
+    """The run's task sequence with its classes (drawn from ``data.seed`` for ``data.sequence: <n>``), from the
+    config alone."""
+    data = config.data
+    try:
+        counts = [domain_classes(d) for d in data.domains]
+        return build_sequence(data.domains, data.sequence, data.seed, counts)
+    except ValueError as err:
+        raise ConfigError(f"data: {err}") from err
 
 
 def place(model: AdaptedModel, config: RunConfig, device: torch.device) -> AdaptedModel:
@@ -165,7 +181,7 @@ def check_run_dir(config: RunConfig) -> None:
     its recipe, not by where it lies; refusing another recipe names every key that differs."""
     run_dir = Path(config.output.dir)
     saved = run_dir / CONFIG_FILE
-    if not (run_dir / CHECKPOINT).exists():
+    if not (run_dir / CHECKPOINT).exists() and not (run_dir / CONTINUAL_STATE).exists():
         return  # nothing started here yet: this config is the run's
     if not saved.is_file():
         raise ConfigError(f"{run_dir} holds a checkpoint but no {CONFIG_FILE}: restore it or choose another output.dir")
@@ -254,6 +270,8 @@ def train(config: RunConfig, *, progress: bool = True) -> dict[str, Any]:
             model = place(build_model(config), config, dist.device)
             p = api.count_parameters(model)
             say(f"model built: {p['trainable']:,} trainable parameters of {p['total']:,}; reading the data")
+            if config.train.regime == "continual":
+                return _train_continual(config, model, dist, progress, say)
             regime = build_regime(config, dist)
             if dist.is_main:  # the run directory's config is this invocation's (threads, device, steps may change)
                 atomic_write(run_dir / CONFIG_FILE, lambda tmp: Path(tmp).write_text(dump_config(config)))
@@ -275,6 +293,18 @@ def train(config: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         return results
     finally:
         shutdown(dist)
+
+
+def _train_continual(config: RunConfig, model: AdaptedModel, dist: Dist, progress: bool, say) -> dict[str, Any]:
+    tasks = continual_tasks(config)
+    splits = domain_splits(config)  # one source (a class split) or one per domain, in data.domains' order
+    by_domain = {d: {part: splits[part][i] for part in PARTS} for i, d in enumerate(config.data.domains)}
+    parts = [task_parts(task, by_domain[task.domain]) for task in tasks]
+    hooks = get_method(config.method_name).continual(method_config(config))
+    if dist.is_main:
+        atomic_write(Path(config.output.dir) / CONFIG_FILE, lambda tmp: Path(tmp).write_text(dump_config(config)))
+    return train_continual(config, model, tasks, parts, hooks, dist, _stream_settings(config, dist),
+                           progress=progress, say=say)  # fmt: skip
 
 
 def pretrain(config: RunConfig, *, progress: bool = True, overwrite: bool = False) -> Path | None:
