@@ -17,8 +17,9 @@ from loraplex.config import ConfigError, load_config
 from loraplex.data.sequence import TaskView, build_sequence
 from loraplex.data.stream import DomainData
 from loraplex.eval.continual import summarise
+from loraplex.methods.duallora import DualLoRAContinual
 from loraplex.methods.inflora import InfLoRAContinual
-from loraplex.train.runner import train
+from loraplex.train.runner import evaluate_run, train
 
 from .test_train import kill_after_checkpoint
 from .tiny import images, tiny_config, tiny_vit
@@ -201,6 +202,9 @@ def test_a_class_incremental_run_scores_every_seen_task(tmp_path):
     assert not torch.equal(after[2][key][2], torch.zeros_like(after[2][key][2]))
     again = train(config, progress=False)  # a finished sequence is read back, not trained again
     assert again["matrix"] == matrix
+    scored = evaluate_run(run, split_name="test", device="cpu")  # `loraplex eval`: the model after the last task
+    assert [scored[f"acc/{t}"] for t in results["tasks"]] == pytest.approx(matrix[-1])
+    assert scored["acc/mean"] == pytest.approx(results["A_T"])
 
 
 def test_a_sequence_killed_inside_a_task_resumes_to_the_same_matrix(tmp_path):
@@ -244,3 +248,133 @@ def test_baselines_run_in_their_settings(tmp_path):
     probe = {"name": "linear_probe"}
     dil = train(load_config(tiny_config(tmp_path / "dil", method=probe, data=domains, train=short)), progress=False)
     assert dil["setting"] == "domain" and dil["tasks"] == ["digits", "mnist"]
+
+
+# ---- DualLoRA -------------------------------------------------------------------------------------------------
+DUALLORA = {"name": "duallora", "rank": 2, "residual_rank": 2, "target_modules": ["attn.qkv.k", "attn.qkv.v"]}
+
+
+def _duallora_model(**kw) -> tuple[lp.AdaptedModel, DualLoRAContinual]:
+    cfg = lp.make_config("duallora", tasks=["a", "b"], **{**{k: v for k, v in DUALLORA.items() if k != "name"}, **kw})
+    return lp.wrap(tiny_vit(), cfg, heads={"a": 3, "b": 3}).eval(), DualLoRAContinual(cfg)
+
+
+def _learn(model: lp.AdaptedModel, task: int, seed: int, std: float = 0.5) -> None:
+    """Stand-in for training task ``task``: random factors on its branches of both LoRAs."""
+    g = torch.Generator().manual_seed(seed)
+    for layer in model.adapted_layers().values():
+        for group in layer.groups.values():
+            for factor in (group.A, group.B):
+                factor.data[task] = torch.randn(factor[task].shape, generator=g) * std
+
+
+def test_duallora_orthogonal_branches_leave_old_inputs_unchanged_and_residuals_stay_in_their_bases():
+    model, hooks = _duallora_model(threshold_start=1.0, threshold_end=1.0, tokens="all")
+    old, new = images(batch=1, seed=1), images(batch=4, seed=2)  # task 0 before and after training: ≤ 34 of 48 dims
+    hooks.before_task(model, 0, lambda: iter([old]))
+    _learn(model, 0, seed=1)
+    hooks.after_task(model, 0, lambda: iter([old]))
+    with torch.no_grad():
+        before = model.forward_features(old, task=0)
+    hooks.before_task(model, 1, lambda: iter([new]))
+    _learn(model, 1, seed=2, std=1.0)
+    with torch.no_grad():
+        after = model.forward_features(old, task=0)
+        moved = (model.forward_features(new, task=1) - model.forward_features(new, task=0)).abs().max()
+    # float precision: the projection's fp32 rounding, amplified by ‖B_1‖‖A_1‖ (~70 here), is all old inputs see
+    assert (after - before).abs().max() < 1e-4 and moved > 0.1
+    for name, layer in model.adapted_layers().items():
+        bases = hooks.memories[name].task_bases  # task 0 before and after it trained, then task 1's own U_1
+        a, _ = layer.groups["residual"].factors()
+        u = bases[2]
+        assert u.shape[1] > 0 and (a[1] - a[1] @ u @ u.T).abs().max() < 1e-5  # A_1 rows inside span(U_1)
+        a_o, _ = layer.groups["orthogonal"].factors()
+        assert (a_o[1] @ torch.cat(bases[:2], 1)).abs().max() < 1e-4  # orthogonal branch 1 outside M_0
+
+
+def test_relevance_gates_pick_the_task_whose_bases_hold_the_input():
+    from loraplex.core.subspace import Relevance
+
+    eye = torch.eye(6)
+    basis = torch.stack([eye[:, :2], eye[:, 2:4], eye[:, :0].new_zeros(6, 2)])  # task 2: not learned
+    relevance = Relevance(3, cls_only=False, temperature=0.1)
+    relevance.norm.copy_(torch.tensor([0.5, 0.5, 0.0]))
+    x = torch.zeros(2, 6)
+    x[0, 0], x[1, 3] = 1.0, 1.0
+    gates = relevance.gates(x, basis)
+    assert gates.argmax(1).tolist() == [0, 1] and torch.all(gates[:, 2] == 0)
+    assert torch.allclose(gates.sum(1), torch.ones(2))
+    relevance.temperature = float("inf")  # dynamic memory off: every learned task alike
+    assert torch.allclose(relevance.gates(x, basis), torch.tensor([[0.5, 0.5, 0.0]] * 2))
+
+
+def test_duallora_saves_and_loads_with_its_grown_bases(tmp_path):
+    model, hooks = _duallora_model()
+    for task, seed in ((0, 1), (1, 2)):
+        inputs = lambda s=seed: iter([images(batch=3, seed=s)])  # noqa: E731
+        hooks.before_task(model, task, inputs)
+        _learn(model, task, seed)
+        hooks.after_task(model, task, inputs)
+    x = images(batch=5, seed=9)
+    with torch.no_grad():
+        expected = hooks.class_logits(model, x, 1)
+    model.save(tmp_path / "m")
+    loaded = lp.load(tmp_path / "m", tiny_vit()).eval()
+    with torch.no_grad():
+        assert torch.allclose(hooks.class_logits(loaded, x, 1), expected, atol=1e-5)
+    assert not loaded.mergeable  # relevance-gated residuals have no fixed ΔW without a task
+    with pytest.raises(ValueError, match="input-dependent gates without a task"), loaded.merged():
+        pass
+
+
+def test_duallora_runs_and_resumes_between_tasks(tmp_path):
+    two = {**SPLIT, "sequence": [[0, 1], [2, 3]]}
+    short = {**CONTINUAL, "steps": 3, "eval_every": 3}
+    config = load_config(tiny_config(tmp_path / "a", method=DUALLORA, data=two, train=short))
+    expected = train(config, progress=False)
+    assert expected["params"]["per_task"] == 2 * 2 * (2 * 2 * 48 + 2 * 48 * 2) + (48 * 2 + 2)
+    # a run stopped right after task 0 was written: its sequence state says so, task 1 never started
+    config_b = load_config(tiny_config(tmp_path / "b", method=DUALLORA, data=two, train=short))
+    run = Path(config_b.output.dir)
+    train(config_b, progress=False)
+    state = json.loads((run / "continual.json").read_text())
+    (run / "continual.json").write_text(json.dumps({**state, "done": 1, "matrix": state["matrix"][:1],
+                                                    "task_seconds": state["task_seconds"][:1]}))  # fmt: skip
+    (run / "results.json").unlink()
+    for path in sorted((run / "task1").rglob("*"), reverse=True):
+        path.unlink() if path.is_file() else path.rmdir()
+    resumed = train(config_b, progress=False)
+    assert resumed["matrix"] == expected["matrix"]
+
+
+def test_duallora_refuses_an_orthogonal_rank_the_memory_leaves_no_room_for():
+    model, hooks = _duallora_model(threshold_start=1.0, threshold_end=1.0, tokens="all", rank=3)
+    many = images(batch=16, seed=4)
+    hooks.before_task(model, 0, lambda: iter([many]))
+    hooks.after_task(model, 0, lambda: iter([many]))
+    with pytest.raises(ValueError, match=r"task 1: the orthogonal LoRA's rank 3 does not fit: the memory holds"):
+        hooks.before_task(model, 1, lambda: iter([many]))
+
+
+def test_duallora_options_are_checked():
+    for bad, message in (({"temperature": 0}, "'temperature' must be > 0"), ({"calibration": -1}, "'calibration'"),
+                         ({"tokens": "mean"}, "'tokens' must be 'cls' or 'all'")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            lp.make_config("duallora", tasks=["a", "b"], **bad)
+
+
+@pytest.mark.parametrize("method", ["inflora", "duallora"])
+def test_paper_configurations_count_by_the_formula(method, capsys):
+    """ViT-B/16 on ImageNet-R in 10 tasks of 20 classes, rank 10 on the k and v rows of all 12 blocks."""
+    from loraplex import cli
+
+    paper = Path(__file__).resolve().parents[1] / "configs" / "paper" / f"{method}_vitb_imagenetr10.yaml"
+    assert cli.main(["params", str(paper), "--json"]) == 0
+    counts = json.loads(capsys.readouterr().out)
+    blocks, d, r, tasks, head = 12, 768, 10, 10, 20 * 768 + 20
+    b_only = blocks * 2 * d * r  # InfLoRA trains B of k and v; A is fixed from the data
+    both = blocks * 2 * (2 * r * d + 2 * d * r)  # DualLoRA: A [2r, d] and B [2, d, r] in each of its two LoRAs
+    per_task = b_only if method == "inflora" else both
+    assert counts["adapter"] == tasks * per_task
+    assert counts["per_task"] == per_task + head
+    assert counts["head"] == tasks * head

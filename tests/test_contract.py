@@ -45,6 +45,7 @@ CASES = {
     "mola_router_top1": ("mola_router", {"rank": 2, "gate": "top1", "twd": 0.0, "freeze_backbone": True}),
     # one always-on branch per task on the k and v rows of qkv (the continual regime sets A and trains one branch)
     "inflora": ("inflora", {"rank": 2}),
+    "duallora": ("duallora", {"rank": 2, "residual_rank": 2}),
 }
 ADAPTED = [c for c in CASES if CASES[c][0] not in ("linear_probe", "full_finetune")]
 SOFT = [c for c in CASES if CASES[c][0] == "mola_router"]
@@ -56,7 +57,7 @@ EXPORTABLE = [c for c in MERGEABLE if c != "mola_grad_trained_backbone"]  # a tr
 RESNET_TARGETS = ["conv1", "conv2", "conv3", "downsample.0"]
 LINEAR_ONLY = {
     *("shared_specific_coords", "shared_specific_proj_k", "shared_specific_upper_heavy"),
-    *("mtlora", "mtlora_plus", "inflora"),
+    *("mtlora", "mtlora_plus", "inflora", "duallora"),
 }
 STRATEGIES = ["slices", "bmm", "masked"]
 MIXED_IDS = torch.tensor([2, 0, 1, 0, 2, 2, 1, 0])

@@ -1,4 +1,5 @@
-"""Reports over hand-written run directories: numbers, figures, escaping, and damaged inputs."""
+"""Reports over hand-written run directories: numbers, figures, escaping, and damaged inputs; and over real continual
+runs (a tiny trainer run each), alone and beside an ordinary run."""
 
 from __future__ import annotations
 
@@ -6,12 +7,18 @@ import base64
 import html
 import json
 import re
+import shutil
+import statistics
 from pathlib import Path
 
 import pytest
 import yaml
 
+from loraplex.config import load_config
 from loraplex.eval import NotARunDirError, write_report
+from loraplex.train.runner import train
+
+from .tiny import tiny_config
 
 DOMAINS = ["fashion", "mnist", "digits"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -142,3 +149,85 @@ def test_a_path_that_is_not_a_run_dir_is_named(tmp_path: Path):
         with pytest.raises(NotARunDirError, match=re.escape(str(bad))):
             write_report([good, bad], tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing written before the inputs are checked
+
+
+# ---- continual runs -------------------------------------------------------------------------------------------
+LORA = {"name": "lora", "rank": 2, "target_modules": ["attn.qkv"]}
+TWO_TASKS = {"domains": ["digits"], "sequence": [[0, 1], [2, 3]], "train_per_domain": 300, "val_per_domain": 30,
+             "test_per_domain": 120}  # fmt: skip
+SHORT = {"steps": 3, "warmup_steps": 1, "eval_every": 3, "checkpoint_every": 3}
+SEQUENCE_LABEL, JOINT_LABEL = "lora (train.joint=false)", "lora (train.joint=true)"
+
+
+def _trained(root: Path, **sections) -> Path:
+    config = load_config(tiny_config(root, **sections))
+    train(config, progress=False)
+    return Path(config.output.dir)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two seeds of a two-task class-incremental sequence, its joint upper bound and one ordinary run."""
+    root = tmp_path_factory.mktemp("trained")
+    continual = {**SHORT, "regime": "continual"}
+    runs = {f"seed{s}": _trained(root / f"seed{s}", method=LORA, data=TWO_TASKS, train={**continual, "seed": s})
+            for s in (0, 1)}  # fmt: skip
+    runs["joint"] = _trained(root / "joint", method=LORA, data=TWO_TASKS, train={**continual, "joint": True})
+    runs["ordinary"] = _trained(root / "ordinary", train=SHORT)
+    return runs
+
+
+def markdown_row(md: str, first_cell: str, cells: int) -> list[str]:
+    """The one Markdown table row with ``cells`` cells whose first cell is ``first_cell``."""
+    rows = [[c.strip() for c in line.strip("|").split(" | ")] for line in md.splitlines() if line.startswith("| ")]
+    (row,) = [r for r in rows if r[0] == first_cell and len(r) == cells]
+    return row
+
+
+def section(md: str, title: str) -> str:
+    """The Markdown of one section, from its heading to the next."""
+    return md.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_continual_runs_have_their_section_beside_ordinary_runs(trained: dict[str, Path], tmp_path: Path):
+    html_path, md_path = write_report(list(trained.values()), tmp_path / "out")
+    md = md_path.read_text()
+    results = [json.loads((trained[f"seed{s}"] / "results.json").read_text()) for s in (0, 1)]
+
+    def pct(key: str) -> str:
+        values = [100 * r[key] for r in results]
+        return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+    sequence = markdown_row(md, SEQUENCE_LABEL, 13)
+    assert sequence[1:4] == ["2", "0, 1 (data 0)", "class"]
+    assert sequence[4:9] == [pct("A_T"), pct("avg_incremental"), pct("forgetting_max"), pct("forgetting_first"),
+                             pct("backward_transfer")]  # fmt: skip
+    assert sequence[9:11] == [f"{results[0]['params']['per_task']:,}", f"{results[0]['params']['trainable']:,}"]
+    joint_a_t = json.loads((trained["joint"] / "results.json").read_text())["A_T"]
+    joint = markdown_row(md, JOINT_LABEL, 13)
+    assert joint[3:5] == ["class (joint)", f"{100 * joint_a_t:.1f}"] and joint[5:10] == ["—"] * 5
+
+    # one heat-map, of the sequence (a joint run has no "after task i"), written beside the Markdown and inlined
+    refs = [ref for ref in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md) if "accuracy_matrix" in ref]
+    assert refs == ["figures/accuracy_matrix_1_lora.png"]
+    assert (md_path.parent / refs[0]).read_bytes().startswith(PNG_MAGIC)
+    assert len(re.findall(r'src="data:image/png;base64,', html_path.read_text())) == 3  # + bars and curves
+
+    # the ordinary run keeps every section it had; continual runs stay out of its tables and curves
+    for title in ("Runs", "Results: mean ± std over seeds", "Results per run", "Training curves", "Parameters"):
+        assert f"\n## {title}\n" in md
+    assert markdown_row(md, "shared_specific", 11)[1] == "1"
+    assert "lora" not in section(md, "Results: mean ± std over seeds") + section(md, "Results per run")
+    assert "metrics.jsonl" not in md and "lacks" not in md
+
+
+def test_a_report_of_continual_runs_alone_names_an_unfinished_sequence(trained: dict[str, Path], tmp_path: Path):
+    unfinished = shutil.copytree(trained["seed0"], tmp_path / "unfinished")
+    (unfinished / "results.json").unlink()
+    state = json.loads((unfinished / "continual.json").read_text())
+    (unfinished / "continual.json").write_text(json.dumps({**state, "done": 1, "matrix": state["matrix"][:1]}))
+    md = write_report([trained["seed0"], trained["seed1"], unfinished], tmp_path / "out")[1].read_text()
+    assert "unfinished: no results.json: interrupted or still running (1 of 2 tasks done)" in md
+    assert markdown_row(md, "lora", 13)[1:3] == ["2", "0, 1 (data 0)"]  # the unfinished copy of seed 0 is not counted
+    sections = re.findall(r"^## (.+)$", md, re.M)
+    assert sections == ["Runs", "Continual learning", "Parameters"]

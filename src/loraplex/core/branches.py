@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .subspace import Subspace
+from .subspace import Relevance, Subspace
 
 Routing = Literal["always", "task", "soft"]
 Init = Literal["lora", "gaussian", "zeros"]
@@ -73,10 +73,15 @@ class LoRAGroup(nn.Module):
         train_A: bool = True,
         bank: BasisBank | None = None,
         row_slices: Sequence[tuple[int, int]] | None = None,
+        relevance: Relevance | None = None,
     ) -> None:
         super().__init__()
         if routing not in ("always", "task", "soft"):
             raise ValueError(f"unknown routing {routing!r}; choose 'always', 'task' or 'soft'")
+        if relevance is not None and (routing != "task" or input_space is None or input_space.complement):
+            raise ValueError("relevance gates need task-routed branches confined to their tasks' own input bases")
+        # DualLoRA's dynamic memory: without a task, each branch fires with its input's relevance to its bases
+        self.relevance = relevance
         self.n, self.routing = n, routing
         self.in_features, self.out_features = in_features, out_features
         self.output_space, self.input_space = output_space, input_space

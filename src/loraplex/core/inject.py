@@ -30,7 +30,7 @@ from .branches import BasisBank, Init, LoRAGroup, Routing
 from .conv import AdaptedConv2d
 from .layer import AdaptedLayer, AdaptedLinear
 from .routing import RouteContext
-from .subspace import Form, Subspace, TruncationK, column_space, factor_dtype, weight_subspaces
+from .subspace import Form, Relevance, Subspace, TruncationK, column_space, factor_dtype, weight_subspaces
 
 Targets = Sequence[str] | str
 RankSchedule = Callable[["BlockLayout"], Sequence[int]]
@@ -69,6 +69,10 @@ class GroupSpec:
     targets: Targets | None = None
     output_subspace: OutputSubspaceSpec | None = None
     input_subspace: Literal["span", "complement"] | None = None  # A confined to a memory (basis set later)
+    # without a task, weigh the (task-routed, input_subspace="span") branches by the input's relevance to each
+    # task's bases: a row's [CLS] token or all its tokens (see core.subspace.Relevance)
+    relevance: Literal["cls", "all"] | None = None
+    relevance_temperature: float = 0.1
     train_A: bool = True
     bank_size: int = 0  # > 0: factors from a BasisBank of this many bases, one bank per layer shape
     placement: SitePlacement | None = None  # when set, decides every layer's rank from its site (overrides rank)
@@ -384,6 +388,9 @@ def _build_group(
         train_A=group.train_A,
         bank=bank,
         row_slices=row_slices,
+        relevance=Relevance(group.n, group.relevance == "cls", group.relevance_temperature)
+        if group.relevance
+        else None,
     ).to(layer.base.weight.device)
 
 

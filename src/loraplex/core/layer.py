@@ -54,10 +54,10 @@ class AdaptedLayer(nn.Module):
         branch), in the frozen weight's shape."""
         deltas = []
         for key, group in self.groups.items():
-            if group.routing == "soft":
+            if group.routing == "soft" or (task is None and group.relevance is not None):
                 raise ValueError(
-                    f"{self.name}: group {key!r} is routed by input-dependent gates; it has no fixed ΔW "
-                    "to merge or export"
+                    f"{self.name}: group {key!r} is routed by input-dependent gates{' without a task' * (task is None)}"
+                    "; it has no fixed ΔW to merge or export"
                 )
             if group.routing == "always":
                 deltas.append(group.delta_weight(None))
@@ -156,6 +156,8 @@ def add_group_output(group: LoRAGroup, x: torch.Tensor, y: torch.Tensor, route: 
         a, b, scale = a.index_select(0, one)[0], b.index_select(0, one)[0], group.scale.index_select(0, one)
         return _low_rank_(y, group.dropout(x), a, b, scale)
     if route.task_ids is None:
+        if group.relevance is not None:  # no task given: the branches weighed by the input's relevance to each
+            return _masked(group, x, y, group.relevance.gates(x, group.input_space.basis))
         return y  # shared-only route: task branches stay silent
     if route.strategy == "slices":
         return _slices(group, x, y, route)

@@ -208,7 +208,11 @@ class AdaptedModel(nn.Module):
         streams: there a task path's frozen matmul reads the shared input, not the task's)."""
         if self.streams:
             return False
-        return all(g.routing != "soft" for layer in self.adapted_layers().values() for g in layer.groups.values())
+        return all(
+            g.routing != "soft" and g.relevance is None
+            for layer in self.adapted_layers().values()
+            for g in layer.groups.values()
+        )
 
     @contextlib.contextmanager
     def routed(self, route: Route) -> Iterator[None]:

@@ -168,9 +168,22 @@ def adapter_state(model: AdaptedModel) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
+def _fit_memory_bases(model: AdaptedModel, tensors: dict[str, torch.Tensor]) -> None:
+    """Give each input-side basis a feature memory fills (projection form, not rebuilt from W) the width it has in
+    ``tensors``: a memory grows task after task, so a file written after task t holds wider bases than a model
+    just built (the span they project on is what is kept, not a parameter shape)."""
+    for name, module in model.named_modules():
+        saved = tensors.get(f"{name}.basis")
+        if not isinstance(module, Subspace) or module.form != "projection" or module.rebuilt or saved is None:
+            continue
+        if saved.shape != module.basis.shape and saved.shape[-2:-1] == module.basis.shape[-2:-1]:
+            module.set_basis(saved)
+
+
 def load_adapter_state(model: AdaptedModel, tensors: dict[str, torch.Tensor], where: str) -> None:
     """Load ``tensors`` (an adapter file's, or a checkpoint's) into ``model``: exactly the expected keys, the
     expected shapes, finite values — anything else is an :class:`AdapterFileError` naming ``where``."""
+    _fit_memory_bases(model, tensors)
     expected = adapter_state(model)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

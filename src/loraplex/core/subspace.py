@@ -15,6 +15,7 @@ is projection-only.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -128,6 +129,61 @@ class Subspace(nn.Module):
         self.basis = basis.to(self.basis).contiguous()
 
 
+class Relevance(nn.Module):
+    """Feature-similarity gates for a stack of per-task branches whose ``A`` lives in each task's own input bases
+    ``U_t`` (DualLoRA's dynamic memory): when no task is given, each row of a layer input ``x`` weighs branch ``t``
+    by how much of its energy lies in ``U_t``, relative to what that task's own inputs put there.
+
+    ``score_t(x) = log( (‖U_tᵀ x‖² / ‖x‖²) / μ_t )`` with ``μ_t`` (``norm``) the same fraction over task ``t``'s
+    own inputs, so a task's inputs score about 0 on its own bases wherever the bases lie; the gates are
+    ``softmax_t(score_t / temperature)`` over the tasks learned so far (``μ_t > 0``; a task whose bases are empty is
+    never chosen; an infinite temperature weighs every learned task alike).  A row is a sample's [CLS] token
+    (``cls_only``) or all its tokens together.  Everything stays on
+    the device, no host read: a compiled forward keeps one graph.  ``last`` keeps the latest scores while
+    ``recording`` is on (task-identity prediction averages them over layers)."""
+
+    def __init__(self, n: int, cls_only: bool = True, temperature: float = 0.1) -> None:
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"a relevance temperature must be > 0, got {temperature}")
+        self.cls_only, self.temperature = cls_only, temperature
+        self.register_buffer("norm", torch.zeros(n))
+        self.recording = False
+        self.last: torch.Tensor | None = None
+
+    def scores(self, x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+        """``[rows, n]`` log relevance of each row of ``x`` (``[rows, tokens, in]`` or ``[rows, in]``) to each
+        task's bases ``[n, in, m]``; ``-inf`` for tasks not learned."""
+        if basis.dim() == 2:  # one basis for every branch (before per-task bases are set)
+            basis = basis.expand(self.norm.shape[0], *basis.shape)
+        rows = x[:, 0] if self.cls_only and x.dim() == 3 else x
+        rows = rows.to(basis.dtype)
+        captured = torch.einsum("r...i,nim->rn...m", rows, basis).square().sum(-1)  # [rows, n(, tokens)]
+        total = rows.square().sum(-1)
+        if captured.dim() == 3:  # all tokens of a row together
+            captured, total = captured.sum(-1), total.sum(-1)
+        fraction = captured / total.clamp_min(torch.finfo(total.dtype).tiny).unsqueeze(1)
+        learned = self.norm > 0
+        score = torch.log(fraction.clamp_min(1e-12) / torch.where(learned, self.norm, 1.0).to(fraction.dtype))
+        return score.masked_fill(~learned, float("-inf"))
+
+    def gates(self, x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+        score = self.scores(x, basis)
+        if self.recording:
+            self.last = score
+        if math.isinf(self.temperature):
+            score = torch.where(torch.isinf(score), score, torch.zeros_like(score))
+            return torch.softmax(score, dim=1).nan_to_num(0.0)
+        return torch.softmax(score / self.temperature, dim=1).nan_to_num(0.0)  # no task learned: all zero
+
+    def extra_repr(self) -> str:
+        return f"tokens={'cls' if self.cls_only else 'all'}, temperature={self.temperature}"
+
+
+NOISE_ENERGY = 1e-13
+"""A direction holding less than this share of a task's input energy is taken for rounding noise."""
+
+
 class FeatureMemory:
     """GPM-style memory of the input subspace a layer has seen (Saha & Roy, ICLR 2021).
 
@@ -202,7 +258,10 @@ class FeatureMemory:
         if kept < threshold * total:
             cumulative = kept + evals.cumsum(0)
             k = int(torch.searchsorted(cumulative, cumulative.new_tensor(threshold * total)))
-            k = min(k + 1, self.dim - self.basis.shape[1])
+            # never past the residual's numerical rank: directions the inputs do not have (rounding noise) would
+            # fill the memory at a threshold of 1 and leave later tasks no room
+            signal = int((evals > NOISE_ENERGY * total).sum())
+            k = min(k + 1, signal, self.dim - self.basis.shape[1])
         new = evecs[:, :k]
         self.task_bases.append(new.float())
         self.basis = torch.cat([self.basis, new], dim=1)

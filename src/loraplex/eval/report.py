@@ -5,6 +5,12 @@ that stands alone (figures as data URIs, inline CSS, no script: it can be mailed
 and Markdown with the figures as PNG files beside it (for BENCHMARKS.md and pull requests). Metrics are
 read from results.json by key, so a regime with other metrics (``miou/semseg``, an accuracy matrix) adds
 a section-building function to :func:`build_sections`; the loaders and renderers stay as they are.
+
+Continual runs (``train.regime: continual``; results.json ``"regime": "continual"``) are the one regime whose
+results differ in kind: an accuracy matrix and the metrics drawn from it instead of best/last test scores, and no
+top-level metrics.jsonl (each task logs in its own ``task<i>/``). They are listed with the other runs but kept out
+of the best/last tables and the curves; their own section has a table per setup and each setup's accuracy matrix,
+averaged over seeds, as a heat-map.
 """
 
 from __future__ import annotations
@@ -33,6 +39,10 @@ IGNORED_CONFIG = ("output",)  # where a run was written does not change what it 
 PERCENT_PREFIXES = ("acc/", "miou/")  # fractions in [0, 1], shown as percentages
 PERCENT_SUFFIXES = ("/miou", "/maxf")  # dense metrics that are fractions too (semseg/miou, saliency/maxf)
 REQUIRED_RESULTS = ("method", "params", "train_seconds", "steps", "best_step", "last", "best")
+SEQUENCE_STATE = "continual.json"  # rewritten by a continual run after every task: how far an unfinished one got
+# a continual run's metrics (fractions, shown as percentages); a joint run (every task at once) has A_T alone
+CONTINUAL_KEYS = ("A_T", "avg_incremental", "forgetting_max", "forgetting_first", "backward_transfer")
+REQUIRED_CONTINUAL = ("method", "setting", "joint", "tasks", "matrix", "task_seconds", "train_seconds", "params")
 CURVES = (("train", "loss"), ("val", "acc/mean"))
 SMOOTH_POINTS = 60  # a per-step train loss is averaged over len/SMOOTH_POINTS steps
 LABEL_KEYS = 3  # config differences named in a group's label; the rest are counted
@@ -77,6 +87,13 @@ class Run:
             if isinstance(cfg.get(section), dict):
                 cfg[section].pop(key, None)
         return cfg
+
+    @property
+    def continual(self) -> bool:
+        """A task sequence, scored as an accuracy matrix rather than best/last; told by its results, or by its
+        config while it has none (interrupted)."""
+        regime = _dig(self.results, "regime") if self.results is not None else _dig(self.config, "train", "regime")
+        return regime == "continual"
 
     def metrics(self, which: str, split: str = "test") -> dict[str, float]:
         """Numeric metrics of ``results[which][split]`` (``which``: "best" or "last"); empty when absent."""
@@ -145,7 +162,7 @@ def _is_number(v: Any) -> bool:
 
 
 def _is_percent(key: str) -> bool:
-    return key.startswith(PERCENT_PREFIXES) or key.endswith(PERCENT_SUFFIXES)
+    return key in CONTINUAL_KEYS or key.startswith(PERCENT_PREFIXES) or key.endswith(PERCENT_SUFFIXES)
 
 
 def _fmt(key: str, value: float) -> str:
@@ -209,11 +226,10 @@ def _read_history(path: Path, notes: list[str]) -> list[dict[str, Any]]:
     return records
 
 
-def _read_results(path: Path, history: list[dict[str, Any]], notes: list[str]) -> dict[str, Any] | None:
+def _read_results(path: Path, notes: list[str]) -> dict[str, Any] | None:
+    """results.json as a mapping, or None: damaged (noted here) or absent (noted by :func:`load_run`, which knows
+    from the regime how far the run got)."""
     if not path.is_file():
-        last = max((r["step"] for r in history), default=None)
-        where = f"last logged step {last}" if last is not None else "nothing logged"
-        notes.append(f"no {RESULTS}: interrupted or still running ({where}); left out of the tables")
         return None
     try:
         results = json.loads(path.read_text())
@@ -223,10 +239,24 @@ def _read_results(path: Path, history: list[dict[str, Any]], notes: list[str]) -
     if not isinstance(results, dict):
         notes.append(f"{RESULTS} is not a JSON object; left out of the tables")
         return None
-    missing = [k for k in REQUIRED_RESULTS if k not in results]
-    if missing:
-        notes.append(f"{RESULTS} lacks {', '.join(missing)}: those cells are blank")
     return results
+
+
+def _logged_until(history: list[dict[str, Any]]) -> str:
+    last = max((r["step"] for r in history), default=None)
+    return f"last logged step {last}" if last is not None else "nothing logged"
+
+
+def _tasks_done(path: Path) -> str:
+    """How far an unfinished task sequence got: its per-task logs are in task<i>/, its progress in continual.json."""
+    state_path = path / SEQUENCE_STATE
+    if not state_path.is_file():
+        return "no task finished"
+    try:
+        state = json.loads(state_path.read_text())
+        return f"{int(state['done'])} of {len(state['sequence'])} tasks done"
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return f"{SEQUENCE_STATE} unreadable"
 
 
 def load_run(path: Path, name: str | None = None) -> Run:
@@ -242,10 +272,20 @@ def load_run(path: Path, name: str | None = None) -> Run:
         raise NotARunDirError(f"{path} is not a readable run directory: {CONFIG} is not valid YAML ({e})") from e
     if not isinstance(config, dict):
         raise NotARunDirError(f"{path} is not a readable run directory: {CONFIG} is not a mapping")
-    notes: list[str] = []
-    history = _read_history(path / METRICS, notes)
-    results = _read_results(path / RESULTS, history, notes)
-    return Run(path, name or path.name, config, history, results, notes)
+    results_notes: list[str] = []
+    results = _read_results(path / RESULTS, results_notes)  # first: it tells which files a run should have
+    run = Run(path, name or path.name, config, [], results)
+    if run.continual:
+        required = REQUIRED_CONTINUAL + (CONTINUAL_KEYS[:1] if _dig(results, "joint") is True else CONTINUAL_KEYS)
+    else:
+        run.history, required = _read_history(path / METRICS, run.notes), REQUIRED_RESULTS
+    if not (path / RESULTS).is_file():
+        where = _tasks_done(path) if run.continual else _logged_until(run.history)
+        run.notes.append(f"no {RESULTS}: interrupted or still running ({where}); left out of the tables")
+    run.notes += results_notes
+    if results is not None and (missing := [k for k in required if k not in results]):
+        run.notes.append(f"{RESULTS} lacks {', '.join(missing)}: those cells are blank")
+    return run
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, str]:
@@ -377,6 +417,105 @@ def _params_section(groups: list[Group]) -> Section:
         row.append(f"{100 * trainable / total:.2f}%" if trainable is not None and total else MISSING)
         rows.append(row)
     return Section("Parameters", [Table(columns, rows)])
+
+
+CONTINUAL_INTRO = (
+    "Continual runs learn a sequence of tasks one after the other. R[i][j] is the test accuracy on task j after "
+    "learning task i, scored in the run's setting (class: task unknown, one classifier over every class seen; domain: "
+    "task unknown, one label space; task: the task id given). A_T is the accuracy over every test sample of all tasks "
+    "after the last one, Ā the mean of A_1 … A_T. Forgetting is the mean over all tasks but the last of how far a "
+    "task's accuracy fell by the end: from its best before the last task (max-based, Chaudhry et al. 2018) or from "
+    "just after it was learned (first-based); backward transfer is minus the first-based forgetting (positive when "
+    "later tasks helped earlier ones). Percentages, mean ± sample std over seeds. A joint run (train.joint) learns "
+    "every task at once, the upper bound: A_T alone. Trainable parameters per task are what one task trains (its share "
+    "of the adapters and one head); in all, every task's. Train s per task is the mean over the sequence's tasks."
+)
+CONTINUAL_COLUMNS = [
+    Column("method (setup)", kind="text"),
+    Column("n"),
+    Column("seeds", kind="text"),
+    Column("setting", kind="text"),
+    Column("A_T", "accuracy (%)"),
+    Column("Ā", "accuracy (%)"),
+    Column("max-based", "forgetting (%)"),
+    Column("first-based", "forgetting (%)"),
+    Column("backward transfer (%)"),
+    Column("per task", "trainable params"),
+    Column("in all", "trainable params"),
+    Column("per task", "train s"),
+    Column("in all", "train s"),
+]
+
+
+def _joint(group: Group) -> bool:
+    return any(_dig(r.results, "joint") is True for r in group.runs)
+
+
+def _seconds_per_task(run: Run) -> float | None:
+    seconds = _dig(run.results, "task_seconds")
+    if not isinstance(seconds, list) or not seconds or not all(_is_number(s) for s in seconds):
+        return None
+    return statistics.mean(seconds)
+
+
+def _continual_row(group: Group) -> list[str]:
+    """A setup's metrics over its seeds; a joint run has no sequence, so no per-task or sequence metric either."""
+    runs, joint = group.runs, _joint(group)
+    settings = dict.fromkeys(str(_dig(r.results, "setting")) for r in runs)
+    row = [group.label, str(len(runs)), ", ".join(r.seed for r in runs)]
+    row.append(" / ".join(settings) + (" (joint)" if joint else ""))
+    row += [_mean_std(k, [v for r in runs if (v := r.number(k)) is not None]) for k in CONTINUAL_KEYS]
+    row.append(MISSING if joint else _distinct_ints([r.number("params", "per_task") for r in runs]))
+    row.append(_distinct_ints([r.number("params", "trainable") for r in runs]))
+    row.append(MISSING if joint else _seconds([s for r in runs if (s := _seconds_per_task(r)) is not None]))
+    row.append(_seconds([s for r in runs if (s := r.number("train_seconds")) is not None]))
+    return row
+
+
+def _matrix(run: Run) -> tuple[list[str], list[list[float | None]]] | None:
+    """The run's tasks and accuracy matrix if they are well-formed: rows of one number or null per task."""
+    tasks, matrix = _dig(run.results, "tasks"), _dig(run.results, "matrix")
+    if not isinstance(tasks, list) or not isinstance(matrix, list) or not matrix:
+        return None
+    for row in matrix:
+        if not isinstance(row, list) or len(row) != len(tasks) or not all(v is None or _is_number(v) for v in row):
+            return None
+    return [str(t) for t in tasks], matrix
+
+
+def _cell_mean(cells: list[float | None]) -> float | None:
+    scored = [c for c in cells if c is not None]
+    return statistics.mean(scored) if scored else None
+
+
+def _matrix_blocks(index: int, group: Group) -> list[Block]:
+    """The group's accuracy matrix averaged over its seeds, cell by cell (a cell no seed scored stays blank). Only
+    seeds with the first well-formed matrix's tasks and rows are averaged; the others are named in a note."""
+    scored = [(r, found) for r in group.runs if (found := _matrix(r)) is not None]
+    if not scored:
+        return [Notes([f"{group.label}: no run has a well-formed accuracy matrix in {RESULTS}"])]
+    first, (tasks, first_matrix) = scored[0]
+    same = [(r, m) for r, (t, m) in scored if t == tasks and len(m) == len(first_matrix)]
+    mean = [[_cell_mean([m[i][j] for _, m in same]) for j in range(len(tasks))] for i in range(len(first_matrix))]
+    seeds = ", ".join(r.seed for r, _ in same)
+    title = f"{first.method} ({_dig(first.results, 'setting')}-incremental)"  # short: the figure is as wide as R
+    caption = (
+        f"{group.label}: test accuracy on each task (columns) after learning each task (rows), mean over seeds "
+        f"{seeds}; blank: not learned yet."
+    )
+    png = plots.accuracy_matrix(mean, tasks, title)
+    blocks: list[Block] = [Figure(f"accuracy_matrix_{index}_{_file_stem(first.method)}", png, caption)]
+    if left_out := [r.name for r in group.runs if all(r is not s for s, _ in same)]:
+        why = "no well-formed matrix, or other tasks than the first seed's"
+        blocks.append(Notes([f"{group.label}: {', '.join(left_out)} left out of the mean accuracy matrix ({why})"]))
+    return blocks
+
+
+def _continual_section(groups: list[Group]) -> Section:
+    blocks: list[Block] = [CONTINUAL_INTRO, Table(CONTINUAL_COLUMNS, [_continual_row(g) for g in groups])]
+    for i, group in enumerate((g for g in groups if not _joint(g)), 1):  # a joint run's one row is no sequence
+        blocks += _matrix_blocks(i, group)
+    return Section("Continual learning", blocks)
 
 
 def _curves_section(runs: list[Run], colors: dict[str, str], group_of: dict[int, str]) -> Section:
@@ -603,19 +742,24 @@ def _predictions_section(groups: list[Group]) -> Section | None:
 
 
 def build_sections(runs: list[Run]) -> list[Section]:
-    """Every section of a report over ``runs``; incomplete runs appear in the run list and the curves only."""
+    """Every section of a report over ``runs``; incomplete runs appear in the run list and the curves only, continual
+    runs in the run list, their own section and the parameters."""
     all_groups = group_runs(runs)
     colors = plots.palette([g.label for g in all_groups])
     group_of = {id(r): g.label for g in all_groups for r in g.runs}
     groups = [Group(g.label, done) for g in all_groups if (done := [r for r in g.runs if r.results is not None])]
+    ordinary, continual = [g for g in groups if not g.runs[0].continual], [g for g in groups if g.runs[0].continual]
     sections = [_runs_section(runs)]
-    if groups:
-        complete = [r for g in groups for r in g.runs]
+    if ordinary:
+        complete = [r for g in ordinary for r in g.runs]
         best, last = _metric_keys(complete, "best"), _metric_keys(complete, "last")
-        sections += [_summary_section(groups, best, last), _per_run_section(groups, best, last)]
-        if bars := _bars_section(groups, colors):
+        sections += [_summary_section(ordinary, best, last), _per_run_section(ordinary, best, last)]
+        if bars := _bars_section(ordinary, colors):
             sections.append(bars)
-    sections.append(_curves_section(runs, colors, group_of))
+    if continual:
+        sections.append(_continual_section(continual))
+    if logged := [r for r in runs if not r.continual]:  # a task sequence logs per task: no curve of its own
+        sections.append(_curves_section(logged, colors, group_of))
     if groups:
         sections.append(_params_section(groups))
     if analysis := _analysis_section(runs):

@@ -1,7 +1,8 @@
 """Registered methods.  Importing this package registers every method."""
 
-from . import baselines, inflora, mola, mtlora, shared_specific
+from . import baselines, duallora, inflora, mola, mtlora, shared_specific
 from .baselines import FullFinetuneConfig, LinearProbeConfig, LoRAConfig, LoRAPerTaskConfig
+from .duallora import DualLoRAConfig
 from .inflora import InfLoRAConfig
 from .mola import MoLAGradConfig, MoLARouterConfig
 from .mtlora import MTLoRAConfig, MTLoRAPlusConfig
@@ -12,6 +13,7 @@ __all__ = [
     "REGISTRY",
     "AdapterPlan",
     "Continual",
+    "DualLoRAConfig",
     "FullFinetuneConfig",
     "InfLoRAConfig",
     "LinearProbeConfig",
@@ -24,6 +26,7 @@ __all__ = [
     "MoLARouterConfig",
     "SharedSpecificConfig",
     "baselines",
+    "duallora",
     "get_method",
     "inflora",
     "make_config",

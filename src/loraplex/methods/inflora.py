@@ -27,59 +27,39 @@ import torch
 from ..core.inject import GroupSpec
 from ..core.model import AdaptedModel
 from ..core.subspace import FeatureMemory
-from .registry import AdapterPlan, Continual, Inputs, MethodConfig, register
+from .memory import MemoryConfig, MemoryContinual
+from .registry import AdapterPlan, Inputs, register
 
 KV_TARGETS = ("attn.qkv.k", "attn.qkv.v")
 A_SCALE = 1.0 / math.sqrt(3.0)  # the reference's scale of the fixed down-projection
 
 
 @dataclass
-class InfLoRAConfig(MethodConfig):
-    """``rank`` per task and sub-module; thresholds of the memory at the first and the last task, in (0, 1];
-    ``memory_tokens``: every token of a layer's input (the reference) or the [CLS] token only."""
+class InfLoRAConfig(MemoryConfig):
+    """``rank`` per task and sub-module; ``memory_tokens``: every token of a layer's input (the reference) or the
+    [CLS] token only."""
 
     target_modules: list[str] | str = field(default_factory=lambda: list(KV_TARGETS))
     rank: int = 10
-    threshold_start: float = 0.95
-    threshold_end: float = 1.0
     memory_tokens: Literal["all", "cls"] = "all"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for key in ("threshold_start", "threshold_end"):
-            value = getattr(self, key)
-            if not 0.0 < value <= 1.0:
-                raise ValueError(f"config key {key!r} (a memory energy threshold) must lie in (0, 1], got {value}")
-        if self.threshold_end < self.threshold_start:
-            raise ValueError(f"threshold_end {self.threshold_end} is below threshold_start {self.threshold_start}")
         if self.memory_tokens not in ("all", "cls"):
             raise ValueError(f"config key 'memory_tokens' must be 'all' or 'cls', got {self.memory_tokens!r}")
 
-    def threshold(self, task: int) -> float:
-        return self.threshold_start + (self.threshold_end - self.threshold_start) * task / len(self.tasks)
 
-
-class InfLoRAContinual(Continual):
+class InfLoRAContinual(MemoryContinual):
     """The memory per adapted layer; ``A_t`` set before task ``t``, the memory grown after it."""
 
     config: InfLoRAConfig
 
-    def __init__(self, config: InfLoRAConfig) -> None:
-        super().__init__(config)
-        self.memories: dict[str, FeatureMemory] = {}
-
-    def _memories(self, model: AdaptedModel) -> dict[str, FeatureMemory]:
-        if not self.memories:
-            cls_only = self.config.memory_tokens == "cls"
-            self.memories = {
-                name: FeatureMemory(layer.in_features, cls_only=cls_only, energy="covariance")
-                for name, layer in model.adapted_layers().items()
-            }
-        return self.memories
+    def new_memory(self, dim: int) -> FeatureMemory:
+        return FeatureMemory(dim, cls_only=self.config.memory_tokens == "cls", energy="covariance")
 
     @torch.no_grad()
     def _observe(self, model: AdaptedModel, inputs: Inputs) -> dict[str, FeatureMemory]:
-        memories = self._memories(model)
+        memories = {name: self.memory(name, layer.in_features) for name, layer in model.adapted_layers().items()}
         with model.recording(memories):
             for x in inputs():
                 model.forward_features(x)
@@ -105,21 +85,6 @@ class InfLoRAContinual(Continual):
         super().after_task(model, task, inputs)
         for memory in self._observe(model, inputs).values():
             memory.grow(self.config.threshold(task))
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"{name}.{key}": t for name, m in self.memories.items() for key, t in m.state_dict().items()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        by_layer: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in state.items():
-            name, part = key.rsplit(".", 1)
-            by_layer.setdefault(name, {})[part] = value
-        cls_only = self.config.memory_tokens == "cls"
-        self.memories = {}
-        for name, own in by_layer.items():
-            memory = FeatureMemory(own["basis"].shape[0], cls_only=cls_only, energy="covariance")
-            memory.load_state_dict(own)
-            self.memories[name] = memory
 
 
 @register("inflora", InfLoRAConfig, continual=InfLoRAContinual)

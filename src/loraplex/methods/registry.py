@@ -129,7 +129,8 @@ class Continual:
       were (their factors are exempt from weight decay while this holds);
     * :meth:`unknown_task` is how the model runs when the task is not given (class- and domain-incremental
       evaluation): by default the shared route (always-on groups only); a model whose features need the task (a
-      task-routed group) cannot be scored without it;
+      task-routed group) cannot be scored without it, unless its branches are gated by relevance;
+      :meth:`class_logits` the class-incremental classifier (a method may calibrate it);
     * :meth:`state_dict` / :meth:`load_state_dict`: what the method keeps beside the model's tensors (a feature
       memory), written after every task so a killed sequence resumes where it was.
     """
@@ -149,12 +150,18 @@ class Continual:
     def unknown_task(self, model: AdaptedModel) -> None:
         """Check the model can run without a task id (the route it then takes is the shared one)."""
         routed = sorted({name for name, layer in model.adapted_layers().items() for g in layer.groups.values()
-                         if g.routing == "task"})  # fmt: skip
+                         if g.routing == "task" and g.relevance is None})  # fmt: skip
         if routed:
             raise ValueError(
                 f"{model.method_name}'s features depend on the task ({routed[0]} has task-routed branches): it is "
                 "scored with the task id given (train.incremental: task), not class- or domain-incrementally"
             )
+
+    def class_logits(self, model: AdaptedModel, x: torch.Tensor, learned: int) -> torch.Tensor:
+        """Class-incremental logits without a task id: the task-free features through the heads of tasks
+        ``0 … learned`` side by side (one classifier over every class seen)."""
+        features = model.forward_features(x)
+        return torch.cat([model._head(t, features) for t in range(learned + 1)], 1)
 
     def per_task_parameters(self, model: AdaptedModel) -> int:
         """Parameters one task trains: a per-task group's share, every other trainable tensor whole (heads: one)."""

@@ -152,7 +152,7 @@ def create_backbone(section: BackboneSection, *, load: bool = True) -> nn.Module
                     f"backbone.img_size={section.img_size}: {err}"
                 ) from err
         return model.eval()
-    if section.name not in timm.list_models():
+    if not timm.is_model(section.name):  # an architecture, or one with a pretrained tag (vit_….augreg_in21k)
         raise ConfigError(
             f"backbone.name {section.name!r} is neither a zoo backbone ({sorted(zoo) or 'none committed'}) "
             "nor a timm architecture"

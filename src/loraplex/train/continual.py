@@ -26,7 +26,7 @@ import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +40,13 @@ from ..core.model import AdaptedModel
 from ..core.state import atomic_write, count_parameters, load_tensors
 from ..data import DomainData, to_model_input
 from ..data.augment import Augment
+from ..data.loader import eval_loader
 from ..data.sequence import ContinualTask
 from ..eval.continual import summarise
-from ..methods.registry import Continual
+from ..methods.registry import Continual, get_method, make_config
 from .dist import Dist
 from .loop import RESULTS, dumps, fit
+from .placement import Placement
 from .regimes import StreamRegime
 
 STATE = "continual.json"
@@ -117,11 +119,15 @@ class TaskRegime(StreamRegime):
         return {"acc/task": int(correct) / max(total, 1)}
 
 
+Samples = Callable[[DomainData], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+"""A split's (samples, labels) batches in order, on the run's device."""
+
+
 class Scorer:
     """Accuracy of the model on one seen task's test set under the run's setting (see the module's docstring)."""
 
-    def __init__(self, setting: str, tasks: list[DomainData], hooks: Continual, regime: StreamRegime, img_size: int):
-        self.setting, self.tasks, self.hooks, self.regime, self.img_size = setting, tasks, hooks, regime, img_size
+    def __init__(self, setting: str, tasks: list[DomainData], hooks: Continual, samples: Samples, img_size: int):
+        self.setting, self.tasks, self.hooks, self.samples, self.img_size = setting, tasks, hooks, samples, img_size
         self.offsets = [sum(t.num_classes for t in tasks[:j]) for j in range(len(tasks))]
 
     @torch.no_grad()
@@ -136,16 +142,14 @@ class Scorer:
         merge = model.merged(task=route) if model.mergeable else contextlib.nullcontext()
         correct = torch.zeros((), dtype=torch.long, device=model.device)
         with merge:
-            for images, labels in self.regime.eval_samples(self.tasks[j]):
+            for images, labels in self.samples(self.tasks[j]):
                 x = to_model_input(images, self.img_size)
-                features = model.forward_features(x, task=route)
-                if self.setting == "task":
-                    predicted, target = model._head(j, features).argmax(1), labels
-                elif self.setting == "domain":
-                    predicted, target = model._head(learned, features).argmax(1), labels
-                else:
-                    logits = torch.cat([model._head(t, features) for t in range(learned + 1)], 1)
+                if self.setting == "class":
+                    logits = self.hooks.class_logits(model, x, learned)
                     predicted, target = logits.argmax(1), labels + self.offsets[j]
+                else:
+                    head = model._head(j if self.setting == "task" else learned, model.forward_features(x, task=route))
+                    predicted, target = head.argmax(1), labels
                 correct += (predicted == target).sum()
         return int(correct) / len(self.tasks[j])
 
@@ -241,7 +245,7 @@ def train_continual(
                 progress=progress)  # fmt: skip
             model.eval()
             hooks.after_task(model, t, inputs)
-            row = Scorer(setting, tests, hooks, regime, config.backbone.img_size).row(model, t)
+            row = Scorer(setting, tests, hooks, regime.eval_samples, config.backbone.img_size).row(model, t)
         finally:
             regime.close()
         if dist.is_main:
@@ -270,7 +274,7 @@ def _train_joint(config, model, parts, tests, setting, hooks, dist, regime_kw, p
         fit(model, regime, train_cfg, run_dir / "joint", dist=dist, tensorboard=config.output.tensorboard,
             progress=progress)  # fmt: skip
         model.eval()
-        row = Scorer(setting, tests, hooks, regime, config.backbone.img_size).row(model, last)
+        row = Scorer(setting, tests, hooks, regime.eval_samples, config.backbone.img_size).row(model, last)
     finally:
         regime.close()
     say("joint: " + " · ".join(f"{d.name} {a:.3f}" for d, a in zip(tests, row, strict=True)))
@@ -308,3 +312,22 @@ def _results(config, model, tests, state, hooks, setting, dist) -> dict[str, Any
             png = accuracy_matrix(matrix, results["tasks"], f"{model.method_name} ({setting}-incremental)")
             atomic_write(run_dir / MATRIX_FIGURE, lambda tmp: Path(tmp).write_bytes(png))
     return results
+
+
+def score_learned(config: RunConfig, model: AdaptedModel, parts: list[DomainData], learned: int) -> dict[str, float]:
+    """Tasks ``0 … learned`` of a finished (or stopped) sequence scored as after its last task: ``acc/<task>`` and
+    their sample-weighted mean ``acc/mean`` (``A_T`` when ``parts`` are the test sets)."""
+    placement = Placement(model.device, config.train.precision)
+
+    def samples(domain: DomainData) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in eval_loader(domain, config.train.eval_batch_size):
+            yield placement.put(images), placement.put(labels)
+
+    hooks = get_method(config.method_name).continual(make_config(config.method_name, **config.method_kwargs()))
+    setting = incremental_setting(config.data, config.train)
+    with torch.inference_mode(), placement.autocast():
+        row = Scorer(setting, parts, hooks, samples, config.backbone.img_size).row(model, learned)
+    metrics = {f"acc/{d.name}": a for d, a in zip(parts, row, strict=True) if a is not None}
+    seen = parts[: learned + 1]
+    metrics["acc/mean"] = sum(a * len(d) for d, a in zip(seen, row, strict=False)) / sum(len(d) for d in seen)
+    return metrics

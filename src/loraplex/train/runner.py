@@ -28,8 +28,9 @@ from ..eval.report import PREDICTIONS
 from ..methods import MethodConfig, get_method, make_config
 from ..models import FrameWise, create_backbone, describe_backbone, write_zoo_entry, zoo_dir, zoo_entries
 from ..models.dense import SwinPyramid, TimmPyramid
+from .continual import AFTER as CONTINUAL_AFTER
 from .continual import STATE as CONTINUAL_STATE
-from .continual import train_continual
+from .continual import score_learned, train_continual
 from .dist import Dist, init_from_env, shutdown
 from .loop import CHECKPOINT, announcer, fit
 from .placement import Placement, hold_frozen, resolve_device
@@ -357,6 +358,21 @@ def read_run_config(run_dir: str | Path) -> RunConfig:
         raise ConfigError(f"{path} is corrupted or from an incompatible version: {err}") from err
 
 
+def adapter_dir(run_dir: str | Path, config: RunConfig, which: str) -> Path:
+    """Where a run's ``best`` / ``final`` adapters are; a continual run has one model, the one after its last
+    learned task (or after joint training), whichever is asked."""
+    run_dir = Path(run_dir)
+    if config.train.regime != "continual":
+        return run_dir / which
+    if config.train.joint:
+        return run_dir / "joint" / "final"
+    state = run_dir / CONTINUAL_STATE
+    done = json.loads(state.read_text())["done"] if state.is_file() else 0
+    if not done:
+        raise ConfigError(f"{run_dir} is a continual run that has not finished a task yet: nothing to load")
+    return run_dir / f"task{done - 1}" / CONTINUAL_AFTER
+
+
 def load_run(
     run_dir: str | Path, which: str = "best", device: str | torch.device = "auto"
 ) -> tuple[RunConfig, AdaptedModel]:
@@ -364,7 +380,7 @@ def load_run(
     (``auto``: CUDA when present) with the frozen weights in the run's ``backbone.dtype``."""
     config = read_run_config(run_dir)
     torch.manual_seed(config.train.seed)  # a random-init backbone is rebuilt bit-identical
-    model = api.load(Path(run_dir) / which, build_backbone(config))
+    model = api.load(adapter_dir(run_dir, config, which), build_backbone(config))
     target = resolve_device(device) if isinstance(device, str) else device
     return config, place(model, config, target).eval()
 
@@ -374,6 +390,19 @@ def evaluate_run(
 ) -> dict[str, float]:
     """A run's metrics on ``split_name``, on ``device`` and in the run's precision."""
     config, model = load_run(run_dir, which, device)
+    if config.train.regime == "continual":
+        return _evaluate_continual(Path(run_dir), config, model, split_name)
     regime = build_regime(config, Dist(device=model.device))
     with torch.inference_mode(), regime.placement.autocast():
         return regime.evaluate(model, split_name)
+
+
+def _evaluate_continual(run_dir: Path, config: RunConfig, model: AdaptedModel, split_name: str) -> dict[str, float]:
+    """The last row of a continual run's matrix on ``split_name``: each learned task scored in the run's setting,
+    and their sample-weighted mean (``A_T`` on test)."""
+    tasks = continual_tasks(config)
+    splits = domain_splits(config)
+    by_domain = {d: {part: splits[part][i] for part in PARTS} for i, d in enumerate(config.data.domains)}
+    parts = [task_parts(task, by_domain[task.domain])[split_name] for task in tasks]
+    learned = len(tasks) - 1 if config.train.joint else json.loads((run_dir / CONTINUAL_STATE).read_text())["done"] - 1
+    return score_learned(config, model, parts, learned)
