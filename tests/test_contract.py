@@ -46,6 +46,11 @@ CASES = {
     # one always-on branch per task on the k and v rows of qkv (the continual regime sets A and trains one branch)
     "inflora": ("inflora", {"rank": 2}),
     "duallora": ("duallora", {"rank": 2, "residual_rank": 2}),
+    # bases shared by every module of one shape (the q and v rows of qkv: one d×d group), CLoRA# and ARC
+    "clora": ("clora", {"rank": 2, "bases": 2}),
+    "clora_shared": ("clora", {"rank": 2, "bases": 2, "coefficients": "shared"}),
+    "arc": ("clora", {"rank": 2, "tied": True, "coefficients": "diagonal"}),
+    "clora_whole_layers": ("clora", {"rank": 2, "bases": 2, "target_modules": ["attn.qkv", "mlp.fc1", "mlp.fc2"]}),
 }
 ADAPTED = [c for c in CASES if CASES[c][0] not in ("linear_probe", "full_finetune")]
 SOFT = [c for c in CASES if CASES[c][0] == "mola_router"]
@@ -57,7 +62,7 @@ EXPORTABLE = [c for c in MERGEABLE if c != "mola_grad_trained_backbone"]  # a tr
 RESNET_TARGETS = ["conv1", "conv2", "conv3", "downsample.0"]
 LINEAR_ONLY = {
     *("shared_specific_coords", "shared_specific_proj_k", "shared_specific_upper_heavy"),
-    *("mtlora", "mtlora_plus", "inflora", "duallora"),
+    *("mtlora", "mtlora_plus", "inflora", "duallora", "clora", "clora_shared", "arc", "clora_whole_layers"),
 }
 STRATEGIES = ["slices", "bmm", "masked"]
 MIXED_IDS = torch.tensor([2, 0, 1, 0, 2, 2, 1, 0])

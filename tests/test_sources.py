@@ -35,7 +35,7 @@ def test_the_sources_are_registered_in_the_order_errors_list_them():
     assert list(SOURCES) == [
         *("fashion", "mnist", "digits", "clipart", "emoji", "icons", "fractals", "folder"),
         *("fontdigits", "vlcs", "officehome", "medmnist"),
-        *("cifar100", "cifar10", "imagenet_r", "domainnet"),
+        *("cifar100", "cifar10", "imagenet_r", "domainnet", "vtab"),
     ]
     assert [SOURCES[name].parts for name in ("clipart", "emoji", "icons")] == [True, True, False]
 
@@ -48,7 +48,7 @@ def test_every_registered_name_resolves_to_its_source(source):
         assert request.part == (name.rpartition("-")[2] if name.endswith(("-seen", "-held")) else "all")
         assert request.argument == ("an:argument" if ":" in name else None)
         kinds = {"folder": "folder", "vlcs": "domain set", "officehome": "domain set", "medmnist": "medmnist"}
-        kinds |= {"imagenet_r": "imagenet_r", "domainnet": "domainnet"}
+        kinds |= {"imagenet_r": "imagenet_r", "domainnet": "domainnet", "vtab": "vtab"}
         assert domain_kind(name).name == kinds.get(source.name, "image source")
     assert source.spelling in known_sources()
 

@@ -120,10 +120,9 @@ def _toy() -> nn.Module:
         ),
         (
             tiny_vit,
-            KV,
-            {"bank_size": 2},
-            r"blocks\.0\.attn\.qkv: group 'g' targets blocks\.0\.attn\.qkv\.k, blocks\.0\.attn\.qkv\.v with a "
-            r"shared basis bank: banks on q / k / v sub-modules are not supported yet \(CLoRA will add them later\)",
+            ["mlp.fc1"],
+            {"bank_size": 1, "bank_tied": True, "bank_coefficients": "diagonal"},
+            r"blocks\.0\.mlp\.fc1: a tied bank \(B = Aᵀ, ARC\) needs square modules; these are 192×48",
         ),
         (
             tiny_vit,

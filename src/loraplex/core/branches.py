@@ -23,6 +23,9 @@ Routing = Literal["always", "task", "soft"]
 Init = Literal["lora", "gaussian", "zeros"]
 
 
+Coefficients = Literal["module", "shared", "diagonal"]
+
+
 class BasisBank(nn.Module):
     """CLoRA's bases shared by every low-rank module of one shape: ``p`` pairs ``(A_h, B_h)``.
 
@@ -31,16 +34,35 @@ class BasisBank(nn.Module):
     ``B_h = U_hᵀ`` (``out × r``); each module only owns its ``Q^j`` (``p × r × r``).  Both bases are
     initialised non-zero (Kaiming-uniform, as LoRA's ``A``) and the module coefficients at zero, so
     every ΔW starts at 0 while every factor still receives gradient after the first step.
+
+    Two variants of the same code: ``coefficients="shared"`` keeps one ``Q`` in the bank for every module
+    (CLoRA#, the paper's ablation: nothing module-specific), and ``tied`` makes ``B_h = A_hᵀ`` (ARC, Dong et al.
+    2023, with ``p = 1`` and diagonal coefficients; square modules only).
     """
 
-    def __init__(self, size: int, rank: int, in_features: int, out_features: int) -> None:
+    def __init__(
+        self, size: int, rank: int, in_features: int, out_features: int, *, tied: bool = False,
+        coefficients: Coefficients = "module",
+    ) -> None:  # fmt: skip
         super().__init__()
-        self.size, self.rank = size, rank
+        if coefficients not in ("module", "shared", "diagonal"):
+            raise ValueError(f"unknown bank coefficients {coefficients!r}; choose 'module', 'shared' or 'diagonal'")
+        if tied and in_features != out_features:
+            raise ValueError(f"a tied bank (B = Aᵀ, ARC) needs square modules; these are {out_features}×{in_features}")
+        self.size, self.rank, self.tied, self.coefficients = size, rank, tied, coefficients
         self.A = nn.Parameter(torch.empty(size, rank, in_features))
-        self.B = nn.Parameter(torch.empty(size, out_features, rank))
         for h in range(size):
             nn.init.kaiming_uniform_(self.A[h], a=math.sqrt(5))
-            nn.init.kaiming_uniform_(self.B[h], a=math.sqrt(5))
+        if not tied:
+            self.B = nn.Parameter(torch.empty(size, out_features, rank))
+            for h in range(size):
+                nn.init.kaiming_uniform_(self.B[h], a=math.sqrt(5))
+        if coefficients == "shared":
+            self.Q = nn.Parameter(torch.zeros(size, rank, rank))
+
+    def up(self) -> torch.Tensor:
+        """The up-projections ``[p, out, r]`` (``Aᵀ`` when tied)."""
+        return self.A.transpose(1, 2) if self.tied else self.B
 
 
 class LoRAGroup(nn.Module):
@@ -95,11 +117,15 @@ class LoRAGroup(nn.Module):
         self._bank = [bank] if bank is not None else []  # referenced, not owned: the model owns banks
         self._cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.row_slices = _checked_slices(row_slices, out_features) if row_slices is not None else None
-        if self.row_slices is not None and (bank is not None or output_space is not None):
-            raise ValueError("row-sliced branches take neither a basis bank nor an output subspace")
-        if bank is not None:
-            self.rank = bank.rank * bank.size
-            self.Q = nn.Parameter(torch.zeros(n, bank.size, bank.rank, bank.rank))
+        if self.row_slices is not None and output_space is not None:
+            raise ValueError("row-sliced branches cannot be confined to an output subspace")
+        if bank is not None:  # one module per row block: each owns its coefficients (none when the bank holds them)
+            parts = len(self.row_slices) if self.row_slices is not None else 1
+            self.rank = bank.rank * bank.size * parts
+            shape = {"module": (bank.rank, bank.rank), "diagonal": (bank.rank,), "shared": None}[bank.coefficients]
+            if shape is not None:
+                lead = (n, parts) if self.row_slices is not None else (n,)
+                self.Q = nn.Parameter(torch.zeros(*lead, bank.size, *shape))
             return
         a_cols = input_space.coordinate_dim() if input_space is not None else in_features
         if self.row_slices is None:
@@ -183,16 +209,36 @@ class LoRAGroup(nn.Module):
         spaces = [s.basis for s in (self.input_space, self.output_space) if s is not None]
         if bank is None and not spaces and self.row_slices is None:
             return []
-        factors = [self.Q, bank.A, bank.B] if bank is not None else [self.A, self.B]
-        return factors + spaces
+        if bank is None:
+            return [self.A, self.B, *spaces]
+        return [
+            t
+            for t in (getattr(self, "Q", None), getattr(bank, "Q", None), bank.A, getattr(bank, "B", None))
+            if t is not None
+        ]
+
+    def coefficients(self) -> torch.Tensor:
+        """Every module's full coefficients ``[n, parts, p, r, r]`` (parts: row blocks, 1 without), from its own,
+        diagonal or the bank's shared ones."""
+        bank = self.bank
+        if bank.coefficients == "shared":
+            parts = len(self.row_slices) if self.row_slices is not None else 1
+            return bank.Q.expand(self.n, parts, *bank.Q.shape)
+        q = self._held(self.Q)
+        if bank.coefficients == "diagonal":
+            q = torch.diag_embed(q)
+        return q if self.row_slices is not None else q.unsqueeze(1)
 
     def _build(self) -> tuple[torch.Tensor, torch.Tensor]:
         bank = self.bank
         if bank is not None:
             p, r = bank.size, bank.rank
-            a = bank.A.reshape(1, p * r, -1).expand(self.n, -1, -1)
-            # B_eff[:, :, h*r:(h+1)*r] = B_h @ Q_h  for every branch
-            b = torch.einsum("hor,nhrs->nohs", bank.B, self._held(self.Q)).reshape(self.n, -1, p * r)
+            q = self.coefficients()
+            parts = q.shape[1]
+            a = bank.A.reshape(1, p * r, -1).repeat(1, parts, 1).expand(self.n, -1, -1)
+            # B_eff[:, s, :, h*r:(h+1)*r] = B_h @ Q_{s,h}: each module (row block s) from the shared bases
+            b = torch.einsum("hor,nshrq->nsohq", bank.up(), q).reshape(self.n, parts, -1, p * r)
+            b = self._placed(b) if self.row_slices is not None else b[:, 0]
         else:
             a, b = self._held(self.A), self._held(self.B)
             if self.row_slices is not None:

@@ -26,7 +26,7 @@ from typing import Literal
 
 from torch import nn
 
-from .branches import BasisBank, Init, LoRAGroup, Routing
+from .branches import BasisBank, Coefficients, Init, LoRAGroup, Routing
 from .conv import AdaptedConv2d
 from .layer import AdaptedLayer, AdaptedLinear
 from .routing import RouteContext
@@ -74,7 +74,9 @@ class GroupSpec:
     relevance: Literal["cls", "all"] | None = None
     relevance_temperature: float = 0.1
     train_A: bool = True
-    bank_size: int = 0  # > 0: factors from a BasisBank of this many bases, one bank per layer shape
+    bank_size: int = 0  # > 0: factors from a BasisBank of this many bases, one bank per module shape
+    bank_coefficients: Coefficients = "module"  # each module's own Q, one Q in the bank, or diagonal Q (ARC)
+    bank_tied: bool = False  # B_h = A_hᵀ (ARC): square modules only
     placement: SitePlacement | None = None  # when set, decides every layer's rank from its site (overrides rank)
 
     def rank_at(self, block: int | None, name: str, layout: BlockLayout) -> int:
@@ -325,11 +327,6 @@ def _row_slices(
         )
     if group.output_subspace is not None:
         raise ValueError(f"{where} with an output subspace of W: sub-targets cannot be confined to one")
-    if group.bank_size > 0:
-        raise ValueError(
-            f"{where} with a shared basis bank: banks on q / k / v sub-modules are not supported yet (CLoRA will "
-            "add them later); target whole layers for a bank"
-        )
     d = out // 3
     return tuple((SUB_MODULES.index(p) * d, (SUB_MODULES.index(p) + 1) * d) for p in parts)
 
@@ -347,10 +344,16 @@ def _build_group(
     out, inp = layer.out_features, layer.in_features
     nominal, rank = rank, rank * layer.rank_factor  # a conv branch of rank r has r·k factor rows (loralib's format)
     bank = None
-    if group.bank_size > 0:
-        key = f"{group.name}_{out}x{inp}"
+    if group.bank_size > 0:  # one bank per module shape (a q / k / v part is a module of its rows)
+        rows = out if row_slices is None else row_slices[0][1] - row_slices[0][0]
+        key = f"{group.name}_{rows}x{inp}"
         if key not in banks:
-            banks[key] = BasisBank(group.bank_size, rank, inp, out).to(layer.base.weight.device)
+            try:
+                made = BasisBank(group.bank_size, rank, inp, rows, tied=group.bank_tied,
+                                 coefficients=group.bank_coefficients)  # fmt: skip
+            except ValueError as err:
+                raise ValueError(f"{layer.name}: {err}") from err
+            banks[key] = made.to(layer.base.weight.device)
         bank = banks[key]
         if bank.rank != rank:
             raise ValueError(f"{layer.name}: a shared bank needs one rank per shape; got {rank} and {bank.rank}")

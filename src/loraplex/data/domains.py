@@ -11,6 +11,9 @@ takes it; each kind says whether it is clips, its class count, how its parts are
   binary distribution with its official test split), ``imagenet_r`` (a folder of 200 classes without a test split:
   :data:`~.sources.imagenet_r.IMAGENET_R_TEST` of it held out by seed) and ``domainnet:<domain>`` (its files listed
   by the official train / test lists, every one checked to exist); the last two decoded on demand;
+* ``vtab:<task>`` / ``vtab:<task>:final`` — a VTAB-1K task (benchmarks.md #5) from ``data.roots.vtab``, each part
+  drawn from the list its protocol step names (:data:`~.sources.vtab.PROTOCOLS`), never re-split; every listed file
+  checked to exist, decoded on demand;
 * ``motion:<image source>`` — the offline video benchmark (benchmarks.md #2): clips in which an image
   of the source moves along one of :data:`~.motion.PATTERNS`, the pattern being the class.  The
   source's images are split first (stratified), and each part's clips are made from that part's images
@@ -62,6 +65,7 @@ from .sources.domainnet import DOMAINNET, domainnet_classes, domainnet_files
 from .sources.domainsets import DOMAIN_SET_TEST, DOMAIN_SETS, domain_set_classes, domain_set_files
 from .sources.imagenet_r import IMAGENET_R, IMAGENET_R_TEST, imagenet_r_files
 from .sources.medmnist import MEDMNIST, medmnist_classes
+from .sources.vtab import VTAB, VTAB_LISTS, protocol_lists, vtab_classes, vtab_files
 from .splits import Splits, class_balanced, split
 from .stream import DomainData
 from .video import LAYOUTS, VideoDomain, VideoList, readable_videos
@@ -186,6 +190,36 @@ def _domainnet_parts(ask: Ask) -> dict[str, DomainData]:
     """A DomainNet domain's listed files, its test list the official test split."""
     files = domainnet_files(ask.name, ask.root, skip_unreadable=ask.skip_unreadable)
     return _file_parts(ask, files.classes, files.paths, files.labels, files.official_test)
+
+
+def _vtab_parts(ask: Ask) -> dict[str, DomainData]:
+    """A VTAB-1K task, each part from its own list (:func:`~.sources.vtab.protocol_lists`): all of it, or a
+    stratified seeded draw of the count asked; a val fraction is of the train list's size, drawn from the val list
+    and capped at all of it (as for MedMNIST's own splits)."""
+    files = vtab_files(ask.name, ask.root, skip_unreadable=ask.skip_unreadable)
+    lists = protocol_lists(ask.name)
+    source = ImageSource(ask.name, torch.empty(0, dtype=torch.uint8), files.labels, files.classes)
+    pools = {part: torch.nonzero(files.listed == VTAB_LISTS.index(lists[part])).flatten() for part in PARTS}
+    rows = {}
+    for k, part in enumerate(PARTS):
+        pool, count = pools[part], ask.counts[part]
+        n = min(round(count * len(pools["train"])), len(pool)) if isinstance(count, float) else count
+        if n is not None and n > len(pool):
+            whole = "" if part == "val" else f" (data.{part}_per_domain: null takes all of it)"
+            raise ValueError(
+                f"asked for {n} {part} images of {ask.name}; its {part} list {lists[part]}.txt has {len(pool)}{whole}"
+            )
+        if n is not None and n < len(pool):
+            pool_source = dataclasses.replace(source, labels=files.labels[pool])
+            pool = pool[split(pool_source, seed=_part_seed(ask.seed, k), train=n, val=0, test=0).train]
+        rows[part] = pool
+
+    def part_domain(index: torch.Tensor, size: int) -> DomainData:
+        return FolderDomain(
+            ask.name, [files.paths[i] for i in index.tolist()], files.labels[index], len(files.classes), size
+        )
+
+    return _built_parts(ask, source, Splits(**rows), part_domain)
 
 
 def _held_out(ask: Ask, share: float, total: int) -> Ask:
@@ -363,6 +397,12 @@ KINDS = (
         lambda name: name.partition(":")[0] == DOMAINNET,
         _domainnet_parts,
         lambda name: domainnet_classes(name.partition(":")[2]),
+    ),
+    DomainKind(
+        VTAB,
+        lambda name: name.partition(":")[0] == VTAB,
+        _vtab_parts,
+        lambda name: vtab_classes(name.partition(":")[2]),
     ),
     DomainKind(
         "medmnist",

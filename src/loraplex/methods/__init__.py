@@ -1,7 +1,8 @@
 """Registered methods.  Importing this package registers every method."""
 
-from . import baselines, duallora, inflora, mola, mtlora, shared_specific
+from . import baselines, clora, duallora, inflora, mola, mtlora, shared_specific
 from .baselines import FullFinetuneConfig, LinearProbeConfig, LoRAConfig, LoRAPerTaskConfig
+from .clora import CLoRAConfig
 from .duallora import DualLoRAConfig
 from .inflora import InfLoRAConfig
 from .mola import MoLAGradConfig, MoLARouterConfig
@@ -12,6 +13,7 @@ from .shared_specific import SharedSpecificConfig
 __all__ = [
     "REGISTRY",
     "AdapterPlan",
+    "CLoRAConfig",
     "Continual",
     "DualLoRAConfig",
     "FullFinetuneConfig",
@@ -26,6 +28,7 @@ __all__ = [
     "MoLARouterConfig",
     "SharedSpecificConfig",
     "baselines",
+    "clora",
     "duallora",
     "get_method",
     "inflora",

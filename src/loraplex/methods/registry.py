@@ -109,6 +109,10 @@ class AdapterPlan:
 Objective = Callable[[MethodConfig, MixedOutput, torch.Tensor, float], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 """``(config, mixed output, labels, label smoothing) → (loss, metrics)`` of one training batch."""
 
+Regulariser = Callable[[MethodConfig, "AdaptedModel"], tuple[torch.Tensor | None, dict[str, torch.Tensor]]]
+"""``(config, model) → (term added to the loss or None, metrics)``: a penalty on the weights (CLoRA's SADE), added to
+every regime's loss."""
+
 
 def sample_mean(config: MethodConfig, out: MixedOutput, labels: torch.Tensor, smoothing: float):
     """Mean cross-entropy over the batch's samples, each through its own task's head.  Every sample weighs the
@@ -199,6 +203,7 @@ class Method:
     doc: str = ""
     objective: Objective = sample_mean
     continual: type[Continual] = Continual
+    regulariser: Regulariser | None = None
 
 
 REGISTRY: dict[str, Method] = {}
@@ -209,9 +214,11 @@ def register(
     config_cls: type[MethodConfig],
     objective: Objective = sample_mean,
     continual: type[Continual] = Continual,
+    regulariser: Regulariser | None = None,
 ):
     def decorator(plan: Callable[[MethodConfig], AdapterPlan]):
-        REGISTRY[name] = Method(name, config_cls, plan, (plan.__doc__ or "").strip(), objective, continual)
+        doc = (plan.__doc__ or "").strip()
+        REGISTRY[name] = Method(name, config_cls, plan, doc, objective, continual, regulariser)
         return plan
 
     return decorator

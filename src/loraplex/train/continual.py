@@ -207,8 +207,10 @@ def train_continual(
     *,
     progress: bool,
     say,
+    regulariser=None,
 ) -> dict[str, Any]:
-    """Train (or resume) the sequence ``tasks`` whose train / val / test are ``parts``; returns the results."""
+    """Train (or resume) the sequence ``tasks`` whose train / val / test are ``parts``; returns the results (a method's
+    ``regulariser`` is added to every step's loss, as in the other regimes)."""
     run_dir = Path(config.output.dir)
     setting = incremental_setting(config.data, config.train)
     if setting == "domain":
@@ -224,7 +226,7 @@ def train_continual(
     }
     tests = [p["test"] for p in parts]
     if config.train.joint:
-        return _train_joint(config, model, parts, tests, setting, hooks, dist, regime_kw, progress, say)
+        return _train_joint(config, model, parts, tests, setting, hooks, dist, regime_kw, progress, say, regulariser)
     done = state["done"]
     if done:
         after = run_dir / f"task{done - 1}" / AFTER
@@ -242,7 +244,7 @@ def train_continual(
             model.eval()
             hooks.before_task(model, t, inputs)
             fit(model, regime, config.train, run_dir / f"task{t}", dist=dist, tensorboard=config.output.tensorboard,
-                progress=progress)  # fmt: skip
+                progress=progress, regulariser=regulariser)  # fmt: skip
             model.eval()
             hooks.after_task(model, t, inputs)
             row = Scorer(setting, tests, hooks, regime.eval_samples, config.backbone.img_size).row(model, t)
@@ -262,7 +264,7 @@ def train_continual(
     return _results(config, model, tests, state, hooks, setting, dist)
 
 
-def _train_joint(config, model, parts, tests, setting, hooks, dist, regime_kw, progress, say) -> dict[str, Any]:
+def _train_joint(config, model, parts, tests, setting, hooks, dist, regime_kw, progress, say, regulariser):
     """Every task at once for ``steps × tasks`` steps; the one row of the matrix is the last."""
     run_dir = Path(config.output.dir)
     splits = {split: [p[split] for p in parts] for split in ("train", "val", "test")}
@@ -272,7 +274,7 @@ def _train_joint(config, model, parts, tests, setting, hooks, dist, regime_kw, p
     started = time.perf_counter()
     try:
         fit(model, regime, train_cfg, run_dir / "joint", dist=dist, tensorboard=config.output.tensorboard,
-            progress=progress)  # fmt: skip
+            progress=progress, regulariser=regulariser)  # fmt: skip
         model.eval()
         row = Scorer(setting, tests, hooks, regime.eval_samples, config.backbone.img_size).row(model, last)
     finally:

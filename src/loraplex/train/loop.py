@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -232,9 +233,11 @@ def fit(
     dist: Dist | None = None,
     tensorboard: bool = True,
     progress: bool = True,
+    regulariser: Callable[[AdaptedModel], tuple[torch.Tensor | None, dict[str, torch.Tensor]]] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` (already on ``dist.device``) under ``regime`` for ``cfg.steps`` steps, resuming from
-    ``run_dir`` if it holds a checkpoint; returns (and on the main rank writes) ``results.json``.
+    ``run_dir`` if it holds a checkpoint; returns (and on the main rank writes) ``results.json``.  A method's
+    ``regulariser`` (a penalty on the weights, e.g. CLoRA's SADE) is added to every step's loss.
 
     A finished run is not trained or evaluated again: its results are returned as they were written.  A
     run's ``train.steps`` may be raised to continue it (the cosine schedule is recomputed over the new
@@ -347,6 +350,10 @@ def fit(
         batch = regime.next_batch()
         with placement.autocast():
             loss, metrics = regime.loss(trained, batch)
+            if regulariser is not None:
+                term, extra = regulariser(model)
+                loss = loss if term is None else loss + term
+                metrics.update(extra)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)  # a no-op without fp16 scaling

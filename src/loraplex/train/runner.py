@@ -80,6 +80,12 @@ def build_model(config: RunConfig, *, load_weights: bool = True) -> AdaptedModel
     return model
 
 
+def method_regulariser(config: RunConfig):
+    """The method's penalty on the weights bound to its config (None for most methods)."""
+    regulariser = get_method(config.method_name).regulariser
+    return None if regulariser is None else functools.partial(regulariser, method_config(config))
+
+
 def continual_tasks(config: RunConfig) -> list[ContinualTask]:
     """The run's task sequence with its classes (drawn from ``data.seed`` for ``data.sequence: <n>``), from the
     config alone."""
@@ -285,6 +291,7 @@ def train(config: RunConfig, *, progress: bool = True) -> dict[str, Any]:
                     dist=dist,
                     tensorboard=config.output.tensorboard,
                     progress=progress,
+                    regulariser=method_regulariser(config),
                 )
             finally:
                 regime.close()
@@ -305,7 +312,7 @@ def _train_continual(config: RunConfig, model: AdaptedModel, dist: Dist, progres
     if dist.is_main:
         atomic_write(Path(config.output.dir) / CONFIG_FILE, lambda tmp: Path(tmp).write_text(dump_config(config)))
     return train_continual(config, model, tasks, parts, hooks, dist, _stream_settings(config, dist),
-                           progress=progress, say=say)  # fmt: skip
+                           progress=progress, say=say, regulariser=method_regulariser(config))  # fmt: skip
 
 
 def pretrain(config: RunConfig, *, progress: bool = True, overwrite: bool = False) -> Path | None:

@@ -5,10 +5,11 @@ folders; for pre-training, clip art, colour emoji, icon themes (Debian packages)
 typeset in Debian's fonts (``fontdigits``); and, read from ``data.roots``, the domains of VLCS and Office-Home (image
 folders) and the MedMNIST ``.npz`` files; for the continual-learning papers, CIFAR-100 and CIFAR-10 in their binary
 distribution (``cifar100``, ``cifar10``), ImageNet-R's class folders (``imagenet_r``) and DomainNet's domains with
-their file lists (``domainnet:<domain>``). Every loader returns the same :class:`ImageSource` (uint8 images, int64
-labels), so splits, streams and benchmarks never care where the pixels came from. Heavy optional imports (sklearn,
-mlxtend, PIL, torchvision) happen inside the loaders so that ``import loraplex.data`` stays cheap. In a run, an image
-folder is a :class:`FolderDomain` instead, which decodes its files on demand.
+their file lists (``domainnet:<domain>``); for the PEFT papers, VTAB-1K's tasks with their four lists
+(``vtab:<task>[:final]``). Every loader returns the same :class:`ImageSource` (uint8 images, int64 labels), so
+splits, streams and benchmarks never care where the pixels came from. Heavy optional imports (sklearn, mlxtend, PIL,
+torchvision) happen inside the loaders so that ``import loraplex.data`` stays cheap. In a run, an image folder is a
+:class:`FolderDomain` instead, which decodes its files on demand.
 
 A new source is one module here: a loader decorated with :func:`register_source`, imported below (the import order
 is the order error messages list the sources in).
@@ -18,6 +19,7 @@ is the order error messages list the sources in).
 from . import fashion, mnist, digits, clipart, emoji, icons, fractals, folder  # noqa: F401  (registers them, in order)
 from . import fontdigits, domainsets, medmnist  # noqa: F401  (typeset digits; VLCS, Office-Home; MedMNIST)
 from . import cifar, imagenet_r, domainnet  # noqa: F401  (the continual-learning papers' sets)
+from . import vtab  # noqa: F401  (the PEFT papers' VTAB-1K)
 
 # isort: on
 from .common import DataError, ImageSource, SourceMissingError, require_two_classes
