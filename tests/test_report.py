@@ -1,5 +1,6 @@
-"""Reports over hand-written run directories: numbers, figures, escaping, and damaged inputs; and over real continual
-runs (a tiny trainer run each), alone and beside an ordinary run."""
+"""Reports over hand-written run directories: numbers, figures, escaping, and damaged inputs; over real continual
+runs (a tiny trainer run each), alone and beside an ordinary run; and accuracy against trainable parameters over
+real LoRA and CLoRA runs of two sizes each."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def make_run(
     last: list[float] | None = None,
     rank: int = 8,
     trainable: int = 12_345,
+    domains: tuple[str, ...] = tuple(DOMAINS),
 ) -> Path:
     """A run dir in the spec's format; ``best=None`` leaves it interrupted (no results.json, a cut-off line)."""
     run = root / name
@@ -41,7 +43,7 @@ def make_run(
     config = {
         "backbone": {"name": "vit_fractal_tiny", "img_size": 32},
         "method": {"name": method, "rank": rank},
-        "data": {"domains": DOMAINS, "seed": seed},
+        "data": {"domains": list(domains), "seed": seed},
         "train": {"steps": 100, "eval_every": 25, "seed": seed},
         "output": {"dir": str(run)},
     }
@@ -55,7 +57,7 @@ def make_run(
     (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
 
     def scores(values: list[float]) -> dict[str, float]:
-        return {**{f"acc/{d}": v for d, v in zip(DOMAINS, values, strict=True)}, "acc/mean": sum(values) / 3}
+        return {**{f"acc/{d}": v for d, v in zip(domains, values, strict=True)}, "acc/mean": sum(values) / 3}
 
     results = {
         "method": method,
@@ -63,6 +65,7 @@ def make_run(
         "train_seconds": 60.0 + seed,
         "steps": 100,
         "best_step": 75,
+        "selection_metric": "acc/mean",
         "last": {"val": scores(last or best), "test": scores(last or best)},
         "best": {"val": scores(best), "test": scores(best)},
     }
@@ -103,9 +106,9 @@ def test_report_tables_figures_and_escaping(runs: list[Path], tmp_path: Path):
     per_run = [r for r in rows if r[0] == "lora-s1" and len(r) > 5]
     assert per_run[0][3:7] == ["90.0", "92.0", "76.0", "86.0"] and per_run[0][-3:] == ["12,345", "10,000", "61.0"]
 
-    # figures embedded; nothing is fetched from elsewhere
+    # figures embedded (per-domain bars, curves, accuracy against parameters); nothing is fetched from elsewhere
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
-    assert len(images) == 2 and all(base64.b64decode(i).startswith(PNG_MAGIC) for i in images)
+    assert len(images) == 3 and all(base64.b64decode(i).startswith(PNG_MAGIC) for i in images)
     assert all(ref.startswith("data:") for ref in re.findall(r'(?:src|href)="([^"]*)"', page))
 
     # user strings are escaped: the only way "<script" could appear is from the run name
@@ -117,7 +120,7 @@ def test_report_tables_figures_and_escaping(runs: list[Path], tmp_path: Path):
 
     md = md_path.read_text()
     refs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert len(refs) == 2
+    assert len(refs) == 3
     for ref in refs:
         assert (md_path.parent / ref).read_bytes().startswith(PNG_MAGIC)
     assert "85.0 ± 7.1" in md and "<script" not in md
@@ -231,3 +234,66 @@ def test_a_report_of_continual_runs_alone_names_an_unfinished_sequence(trained: 
     assert markdown_row(md, "lora", 13)[1:3] == ["2", "0, 1 (data 0)"]  # the unfinished copy of seed 0 is not counted
     sections = re.findall(r"^## (.+)$", md, re.M)
     assert sections == ["Runs", "Continual learning", "Parameters"]
+
+
+# ---- accuracy against trainable parameters --------------------------------------------------------------------
+TRADEOFF = "Accuracy against trainable parameters"
+QV = ["attn.qkv.q", "attn.qkv.v"]
+TWO_STEPS = {"steps": 2, "warmup_steps": 1, "eval_every": 2, "checkpoint_every": 2}
+
+
+@pytest.fixture(scope="module")
+def sized(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """LoRA at ranks 1 and 2 and CLoRA with 1 and 2 bases on the q and v rows, two steps each."""
+    root = tmp_path_factory.mktemp("sized")
+    methods = {f"lora{r}": {"name": "lora", "rank": r, "target_modules": QV} for r in (1, 2)}
+    methods |= {f"clora{p}": {"name": "clora", "rank": 1, "bases": p, "target_modules": QV} for p in (1, 2)}
+    return {name: _trained(root / name, method=method, train=TWO_STEPS) for name, method in methods.items()}
+
+
+def test_accuracy_against_parameters_has_a_curve_per_method(sized: dict[str, Path], tmp_path: Path):
+    html_path, md_path = write_report(list(sized.values()), tmp_path / "out")
+    md = md_path.read_text()
+    text = section(md, TRADEOFF)
+    refs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert refs == ["figures/accuracy_vs_parameters_1.png"]
+    assert (md_path.parent / refs[0]).read_bytes().startswith(PNG_MAGIC)
+    assert "digits, mnist: test acc/mean at the best validation step" in text
+    assert "lora (2 points); clora (coefficients=module) (2 points)" in text  # ranks and bases are sizes, not curves
+    assert "digits, mnist: test acc/mean at the best validation step" in html.unescape(html_path.read_text())
+    assert len(re.findall(r'src="data:image/png;base64,', html_path.read_text())) == 3  # + bars and curves
+
+
+def test_one_parameter_count_has_no_accuracy_against_parameters(sized: dict[str, Path], tmp_path: Path):
+    md = write_report([sized["lora1"]], tmp_path / "alone")[1].read_text()
+    assert f"\n## {TRADEOFF}\n" not in md and "accuracy_vs_parameters" not in md
+    same_size = [  # two setups, one size: nothing to plot against
+        make_run(tmp_path, "r8", "lora", 0, best=[0.8] * 3),
+        make_run(tmp_path, "r4", "lora", 0, best=[0.6] * 3, rank=4),
+    ]
+    assert TRADEOFF not in write_report(same_size, tmp_path / "out")[1].read_text()
+
+
+def test_each_data_set_has_its_own_accuracy_against_parameters(tmp_path: Path):
+    other = ("cifar", "svhn", "dtd")
+    runs = [
+        make_run(tmp_path, "a-r8-s0", "lora", 0, best=[0.8] * 3),
+        make_run(tmp_path, "a-r8-s1", "lora", 1, best=[0.7] * 3),
+        make_run(tmp_path, "a-r4", "lora", 0, best=[0.6] * 3, rank=4, trainable=6_000),
+        make_run(tmp_path, "a-r2", "lora", 0, best=[0.5] * 3, rank=2, trainable=6_000),
+        make_run(tmp_path, "b-r8", "lora", 0, best=[0.4] * 3, domains=other),
+        make_run(tmp_path, "b-r4", "lora", 0, best=[0.3] * 3, rank=4, trainable=6_000, domains=other),
+        make_run(tmp_path, "c-r8", "lora", 0, best=[0.2] * 3, domains=("only", "one", "size")),
+    ]
+    md_path = write_report(runs, tmp_path / "out")[1]
+    text = section(md_path.read_text(), TRADEOFF)
+    refs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert refs == ["figures/accuracy_vs_parameters_1.png", "figures/accuracy_vs_parameters_2.png"]
+    assert all((md_path.parent / ref).read_bytes().startswith(PNG_MAGIC) for ref in refs)
+    assert "fashion, mnist, digits: test acc/mean" in text and "lora (3 points)" in text
+    assert "cifar, svhn, dtd: test acc/mean" in text and "lora (2 points)" in text
+    assert "only, one, size" not in text  # one size alone on its data: no figure
+    # two setups of one curve at one size are named, not silently joined
+    (note,) = re.findall(r"\*\*Note:\*\* (.*)", text)
+    assert note.startswith("fashion, mnist, digits: lora (") and "method.rank=4); lora (" in note
+    assert note.endswith("method.rank=2) have 6,000 trainable parameters each (lora)")

@@ -242,3 +242,44 @@ def accuracy_matrix(matrix: list[list[float | None]], tasks: list[str], title: s
     values = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
     rows = [f"after {t}" for t in tasks[: len(matrix)]]
     return matrices([Matrix(title, values, rows, list(tasks))])
+
+
+@dataclass
+class Curve:
+    """One method's points in order of size; an error is NaN where a point has a single seed."""
+
+    label: str
+    params: list[float]
+    values: list[float]
+    errors: list[float]
+
+
+def accuracy_vs_parameters(curves: list[Curve], colors: dict[str, str], title: str, ylabel: str) -> bytes:
+    """Score against trainable parameters on a log axis (sizes grow by factors), one curve per method; a method
+    of one size is a marker alone, a line needing two points."""
+    width = 7.5
+    fig = Figure(figsize=(width, 4.8), layout="constrained")
+    ax = fig.subplots()
+    handles = []
+    for curve in curves:
+        handle = ax.errorbar(
+            curve.params,
+            curve.values,
+            yerr=None if all(math.isnan(e) for e in curve.errors) else curve.errors,
+            color=colors[curve.label],
+            linestyle="-" if len(curve.params) > 1 else "none",
+            marker="o",
+            markersize=5,
+            linewidth=1.6,
+            capsize=3,
+        )
+        handles.append(handle)
+    ax.set_xscale("log")
+    ax.set_title(_text(title), fontsize=11)
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel(_text(ylabel))
+    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.12, which="minor")  # a log axis: minor lines mark 2×, 3× … of a decade
+    if curves:
+        _legend(fig, handles, [_text(c.label) for c in curves], width)
+    return _png(fig)

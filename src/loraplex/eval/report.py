@@ -558,6 +558,84 @@ def _bars_section(groups: list[Group], colors: dict[str, str]) -> Section | None
     return Section("Per-domain accuracy", [Figure("per_domain_accuracy", png, caption)])
 
 
+def _curve_key(run: Run) -> str:
+    """The method and the options that make it another variant (CLoRA#, ARC, SADE), never its size knobs (rank,
+    bases): one curve joins sizes of one variant."""
+    method = _dig(run.config, "method")
+    method = method if isinstance(method, dict) else {}
+    flags = [f"coefficients={method['coefficients']}"] if "coefficients" in method else []
+    flags += ["tied"] if method.get("tied") is True else []
+    flags += ["SADE"] if _is_number(method.get("sade")) and method["sade"] > 0 else []
+    return f"{run.method} ({', '.join(flags)})" if flags else run.method
+
+
+@dataclass
+class _Point:
+    """A setup on the accuracy-against-parameters plot: its size and its seeds' scores."""
+
+    curve: str
+    label: str
+    params: float
+    values: list[float]
+
+
+def _point(group: Group) -> tuple[tuple[str, str], _Point] | None:
+    """The group's point and the figure it belongs on (its data and selection metric: scores on other data do not
+    compare); None if its results lack the metric or the count."""
+    first = group.runs[0]
+    metric, params = _dig(first.results, "selection_metric"), first.number("params", "trainable")
+    if not isinstance(metric, str) or params is None:
+        return None
+    scale = 100 if _is_percent(metric) else 1
+    values = [scale * r.metrics("best")[metric] for r in group.runs if metric in r.metrics("best")]
+    if not values:
+        return None
+    domains = _dig(first.config, "data", "domains")
+    data = ", ".join(map(str, domains)) if isinstance(domains, list) else str(domains)
+    return (data, metric), _Point(_curve_key(first), group.label, params, values)
+
+
+def _tradeoff_blocks(index: int, data: str, metric: str, points: list[_Point], colors: dict[str, str]) -> list[Block]:
+    """One data set's figure, and a note where setups of one curve share a size (they differ in something else)."""
+    curves = []
+    for curve in dict.fromkeys(p.curve for p in points):  # in the report's order, as the legends of other figures
+        mine = sorted((p for p in points if p.curve == curve), key=lambda p: p.params)
+        means = [statistics.mean(p.values) for p in mine]
+        errors = [statistics.stdev(p.values) if len(p.values) > 1 else math.nan for p in mine]
+        curves.append(plots.Curve(curve, [p.params for p in mine], means, errors))
+    png = plots.accuracy_vs_parameters(curves, colors, data, f"test {_column_name(metric)}")
+    shown = "; ".join(f"{c.label} ({len(c.params)} point{'s' if len(c.params) > 1 else ''})" for c in curves)
+    caption = (
+        f"{data}: test {metric} at the best validation step against trainable parameters (log scale), mean over "
+        f"seeds; error bars: std over seeds (n > 1). One curve per method variant, through its sizes: {shown}."
+    )
+    blocks: list[Block] = [Figure(f"accuracy_vs_parameters_{index}", png, caption)]
+    notes = []
+    for (curve, params), n in Counter((p.curve, p.params) for p in points).items():
+        if n > 1:
+            labels = [p.label for p in points if (p.curve, p.params) == (curve, params)]
+            notes.append(f"{data}: {'; '.join(labels)} have {_int(params)} trainable parameters each ({curve})")
+    return blocks + ([Notes(notes)] if notes else [])
+
+
+def _tradeoff_section(groups: list[Group]) -> Section | None:
+    """Score against trainable parameters, one figure per data set whose setups come in at least two sizes."""
+    figures: dict[tuple[str, str], list[_Point]] = {}
+    for group in groups:
+        if (found := _point(group)) is not None:
+            figures.setdefault(found[0], []).append(found[1])
+    figures = {key: points for key, points in figures.items() if len({p.params for p in points}) > 1}
+    if not figures:
+        return None
+    colors = plots.palette(list(dict.fromkeys(p.curve for points in figures.values() for p in points)))
+    blocks = [
+        block
+        for i, ((data, metric), points) in enumerate(figures.items(), 1)
+        for block in _tradeoff_blocks(i, data, metric, points, colors)
+    ]
+    return Section("Accuracy against trainable parameters", blocks)
+
+
 def _analysis_row(row: dict[str, Any]) -> list[str]:
     energy = MISSING if row["energy_column"] is None else f"{row['energy_column']:.3f}"
     return [row["branch"], str(row["layers"]), energy, f"{row['effective_rank']:.2f}", f"{row['numerical_rank']:.1f}"]
@@ -756,6 +834,8 @@ def build_sections(runs: list[Run]) -> list[Section]:
         sections += [_summary_section(ordinary, best, last), _per_run_section(ordinary, best, last)]
         if bars := _bars_section(ordinary, colors):
             sections.append(bars)
+        if tradeoff := _tradeoff_section(ordinary):
+            sections.append(tradeoff)
     if continual:
         sections.append(_continual_section(continual))
     if logged := [r for r in runs if not r.continual]:  # a task sequence logs per task: no curve of its own
