@@ -9,6 +9,7 @@ import json
 import platform
 import shutil
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,3 +193,16 @@ def machine() -> str:
         names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
         cpu = f"{names[0]} × {len(names)}" if names else cpu
     return f"{cpu}, torch {torch.__version__}, {torch.get_num_threads()} threads, Python {platform.python_version()}"
+
+
+def interleaved_seconds(steps: dict[str, Callable[[], object]], reps: int, warmup: int = 2) -> dict[str, float]:
+    """Mean seconds of each callable, timed in turn round after round (after ``warmup`` rounds), so drift of a noisy
+    machine hits every contender alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for rep in range(reps + warmup):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if rep >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.fmean(t) for name, t in times.items()}

@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
-from common import Row, machine, pixel_floor, run_table
+from common import Row, interleaved_seconds, machine, pixel_floor, run_table
 
 import loraplex as lp
 from loraplex.config import BackboneSection
@@ -139,15 +138,8 @@ def inference_speed(tasks: int = 5, batch: int = 64, reps: int = 30) -> dict[str
         "InfLoRA (merged)": lambda: inflora_forward(inflora, x, tasks),
         "DualLoRA": lambda: hooks.class_logits(dual, x, tasks - 1),
     }
-    times: dict[str, list[float]] = {k: [] for k in steps}
     with torch.inference_mode(), inflora.merged():
-        for rep in range(reps + 2):
-            for name, step in steps.items():
-                start = time.perf_counter()
-                step()
-                if rep >= 2:
-                    times[name].append((time.perf_counter() - start) / batch)
-    per_image = {name: statistics.fmean(t) for name, t in times.items()}
+        per_image = {name: t / batch for name, t in interleaved_seconds(steps, reps).items()}
     return per_image | {f"{name} / backbone": v / per_image["backbone"] for name, v in per_image.items()}
 
 

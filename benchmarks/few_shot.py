@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
-from common import Row, machine, pixel_floor, run_table
+from common import Row, interleaved_seconds, machine, pixel_floor, run_table
 from matplotlib.figure import Figure
 
 import loraplex as lp
@@ -129,14 +128,7 @@ def sade_cost(steps: int = 30, batch: int = 64, bases: int = 4) -> dict[str, flo
         q = torch.cat([g.coefficients().flatten(0, 1) for g in groups])
         sade_samples(bank, q, inputs).backward()
 
-    times: dict[str, list[float]] = {"weight-only": [], "sample-dependent": []}
-    for step in range(steps + 2):
-        for name, run in (("weight-only", weights), ("sample-dependent", samples)):
-            start = time.perf_counter()
-            run()
-            if step >= 2:
-                times[name].append(time.perf_counter() - start)
-    mean = {k: statistics.fmean(v) for k, v in times.items()}
+    mean = interleaved_seconds({"weight-only": weights, "sample-dependent": samples}, steps)
     return mean | {"saving": 1 - mean["weight-only"] / mean["sample-dependent"]}
 
 
