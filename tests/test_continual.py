@@ -4,6 +4,7 @@ InfLoRA's memory invariant and parameter accounting, and the bad inputs a sequen
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -378,3 +379,29 @@ def test_paper_configurations_count_by_the_formula(method, capsys):
     assert counts["adapter"] == tasks * per_task
     assert counts["per_task"] == per_task + head
     assert counts["head"] == tasks * head
+
+
+# ---- DDP ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["inflora", "duallora"])
+def test_two_processes_learn_the_sequence_one_process_learns(tmp_path, method):
+    """Under torchrun the memory hooks run on every rank from the same inputs, so the ranks' bases agree and the
+    sequence (new branches between tasks, only B trained) matches one process with the same global batch."""
+    two = {**SPLIT, "sequence": [[0, 1], [2, 3]]}
+    settings = {**CONTINUAL, "threads": 1}
+    spec = {"inflora": INFLORA, "duallora": DUALLORA}[method]
+    one = load_config(tiny_config(tmp_path / "one", method=spec, data=two, train=settings))
+    expected = train(one, progress=False)
+    path = tiny_config(tmp_path / "two", method=spec, data=two, train=settings)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
+           "-m", "loraplex", "train", str(path), "--no-progress"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "two" / "run"
+    results = json.loads((run / "results.json").read_text())
+    for row, expected_row in zip(results["matrix"], expected["matrix"], strict=True):
+        assert row == pytest.approx(expected_row, abs=1 / 24)  # one test image of 24 at most
+    a = load_file(Path(one.output.dir) / "task1" / "after" / "adapters.safetensors")
+    b = load_file(run / "task1" / "after" / "adapters.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)

@@ -250,14 +250,14 @@ def train_continual(
             row = Scorer(setting, tests, hooks, regime.eval_samples, config.backbone.img_size).row(model, t)
         finally:
             regime.close()
+        state["matrix"].append(row)  # every rank keeps the state (they all report the results); rank 0 writes it
+        state["task_seconds"].append(time.perf_counter() - started)
+        state["done"] = t + 1
         if dist.is_main:
             after = run_dir / f"task{t}" / AFTER
             model.save(after)
             method_state = {k: v.detach().cpu().contiguous() for k, v in hooks.state_dict().items()}
             atomic_write(after / METHOD_STATE, lambda tmp, s=method_state: save_file(s, tmp))
-            state["matrix"].append(row)
-            state["task_seconds"].append(time.perf_counter() - started)
-            state["done"] = t + 1
             _write_json(run_dir / STATE, state)
         seen = " · ".join(f"{tasks[j].name} {row[j]:.3f}" for j in range(t + 1))
         say(f"after task {t + 1}: {seen}")
