@@ -5,9 +5,9 @@ probe and full fine-tuning.
 Each set is one task of 1,000 training images — 800 to train and 200 to choose on (the best validation step), as
 VTAB's train800 / val200 — and its test split: fashion-1k, mnist-1k, digits-1k and the held-out parts of the zoo's
 pre-training sources (emoji sub-groups and clip-art categories no ``-seen`` backbone saw).  Every row on the zoo ViT
-(``vit_debian_tiny``), the same steps; adapter rows on the paper's d×d sites (the q and v rows of every block's
-fused qkv), r = 8 for CLoRA.  No per-task hyper-parameter search at this scale (the paper searches lr, weight
-decay and p): one lr per kind of row, said in the table.
+``vit_debian3_tiny`` (the strongest measured: docs/pretraining.md "Recipe 3"), the same steps; adapter rows on the
+paper's d×d sites (the q and v rows of every block's fused qkv), r = 8 for CLoRA.  No per-task hyper-parameter
+search at this scale (the paper searches lr, weight decay and p): one lr per kind of row, said in the table.
 
     python benchmarks/few_shot.py                       # 3 seeds, every set and row
     python benchmarks/few_shot.py --sets fashion --rows CLoRA
@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SETS = {"fashion": 2000, "mnist": 2000, "digits": 597, "emoji-held": 371, "clipart-held": 257}  # test images
 SITES = list(QV_TARGETS)
 ADAPTER_LR, FULL_LR, PROBE_LR = 2e-3, 5e-4, 5e-3
+BACKBONE = "vit_debian3_tiny"
 TRAIN = {"steps": 300, "batch_size": 64, "warmup_steps": 30, "eval_every": 50, "checkpoint_every": 100}
 
 
@@ -64,7 +65,7 @@ def rows() -> list[Row]:
 def base_config(name: str, test: int, quick: bool) -> dict:
     train = dict(TRAIN, steps=20, warmup_steps=2, eval_every=10, checkpoint_every=10) if quick else dict(TRAIN)
     return {
-        "backbone": {"name": "vit_debian_tiny", "img_size": 32},
+        "backbone": {"name": BACKBONE, "img_size": 32},
         "method": {"name": "lora"},
         "data": {
             "domains": [name],
@@ -106,7 +107,7 @@ def sade_cost(steps: int = 30, batch: int = 64, bases: int = 4) -> dict[str, flo
     """Seconds per evaluation of SADE with its gradient, interleaved: weight-only vs sample-dependent (the latter on
     the q / v inputs of one batch of 32-px images, every token), on the zoo ViT with CLoRA p = ``bases``."""
     cfg = lp.make_config("clora", tasks=["a"], rank=8, bases=bases, target_modules=SITES)
-    model = lp.wrap(create_backbone(BackboneSection(name="vit_debian_tiny")), cfg, heads={"a": 10})
+    model = lp.wrap(create_backbone(BackboneSection(name=BACKBONE)), cfg, heads={"a": 10})
     for group in (g for layer in model.adapted_layers().values() for g in layer.groups.values()):
         group.Q.data.normal_(std=0.1)
     (bank, groups), = bank_modules(model).values()  # fmt: skip
