@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from loraplex import cli
 from loraplex.config import ConfigError, from_dict, load_config
 from loraplex.train import TrainingDiverged, fit
+from loraplex.train.regimes import within_domain_partners
 from loraplex.train.runner import build_model, build_regime, train
 
 from .tiny import TINY, tiny_config
@@ -48,6 +49,8 @@ def test_config_errors_name_the_key(tmp_path):
         ({"train": {"precision": "fp8"}}, r"train.precision must be one of \['fp32', 'bf16', 'fp16'\]"),
         ({"backbone": {"dtype": "bf16"}}, r"backbone.dtype=bf16 .* run it under train.precision=bf16 \(got fp32\)"),
         ({"data": {"workers": -1}}, r"data.workers must be ≥ 0"),
+        ({"train": {"mixup": -0.2}}, r"train.mixup must be ≥ 0 \(0 turns it off\), got -0.2"),
+        ({"train": {"mixup": 0.2, "regime": "continual"}}, r"train.mixup applies to the multidomain regime only"),
     ]
     for change, message in cases:
         raw = json.loads(json.dumps(base))
@@ -114,12 +117,13 @@ def kill_after_checkpoint(cmd: list[str], run: Path, step: int, checkpoint: str 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_a_killed_run_resumes_to_the_same_adapters(tmp_path, precision):
     """Killed after a checkpoint and resumed — with data workers this time, an execution-only setting — a run
-    ends bit-identical to one that was never stopped, in fp32 (with augmentation) and in bf16 (autocast, frozen
-    weights held in bf16); ``loraplex eval`` then reproduces its test numbers."""
+    ends bit-identical to one that was never stopped, in fp32 (with augmentation and mixup) and in bf16
+    (autocast, frozen weights held in bf16); ``loraplex eval`` then reproduces its test numbers."""
     slow = {"steps": 40, "checkpoint_every": 5, "eval_every": 10, "threads": 1, "precision": precision}
     sections = {"train": slow, "backbone": {"dtype": precision}}
-    if precision == "fp32":  # random crops too must replay exactly after a resume
+    if precision == "fp32":  # random crops and mixup's pairs and weights too must replay exactly after a resume
         sections["data"] = {"augment": True}
+        slow["mixup"] = 0.4
     straight = load_config(tiny_config(tmp_path / "a", **sections))
     results = train(straight, progress=False)
 
@@ -200,6 +204,32 @@ def test_a_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_pat
     with pytest.raises(TrainingDiverged, match=r"loss became nan at step 7.*checkpoint: step 4"):
         fit(model, regime, config.train, run, tensorboard=False, progress=False)
     assert torch.load(run / "checkpoint.pt", weights_only=True)["loop"]["step"] == 4
+
+
+def test_mixup_blends_images_of_one_domain_and_their_losses_alike(tmp_path):
+    """Each image is blended with one of its own domain (another head's labels would mean nothing to its head),
+    with one weight per batch, and the loss blends the cross-entropies against both labels with that weight."""
+    domains = torch.tensor([0, 1, 1, 2, 2, 2, 0, 3, 1, 2])
+    torch.manual_seed(0)
+    partners = within_domain_partners(domains)
+    assert sorted(partners.tolist()) == list(range(10)) and torch.equal(domains[partners], domains)
+    assert partners[7] == 7  # alone in its domain: blended with itself
+
+    plain, mixed = (
+        build_regime(load_config(tiny_config(tmp_path / name, train=train)), dist=_single())
+        for name, train in (("plain", {}), ("mixed", {"mixup": 0.4}))
+    )
+    a, b = plain.next_batch(), mixed.next_batch()  # the stream is seeded: the same samples
+    assert torch.equal(a.labels, b.labels) and torch.equal(a.domains, b.domains)
+    assert torch.equal(b.domains[b.partners], b.domains) and not torch.equal(b.partners, torch.arange(len(b.labels)))
+    assert 0 < b.mix < 1
+    torch.testing.assert_close(b.images, b.mix * a.images + (1 - b.mix) * a.images[b.partners])
+    model = build_model(load_config(tmp_path / "mixed" / "config.yaml"))
+    loss, _ = mixed.loss(model, b)
+    out = model(b.images, task=b.domains)
+    own, other = out.sample_losses(b.labels).mean(), out.sample_losses(b.labels[b.partners]).mean()
+    torch.testing.assert_close(loss, b.mix * own + (1 - b.mix) * other)
+    plain.close(), mixed.close()
 
 
 def test_resuming_into_a_run_dir_with_another_config_is_refused(tmp_path):

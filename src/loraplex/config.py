@@ -126,6 +126,7 @@ class TrainSection:
     seed: int = 0
     threads: int | None = None  # torch intra-op threads; None leaves torch's default (not part of the recipe)
     label_smoothing: float = 0.0
+    mixup: float = 0.0  # multidomain: α of mixup's Beta(α, α) blend weight, pairs drawn within a domain; 0: off
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N; under torchrun each rank its LOCAL_RANK GPU
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast for forward passes (fp16 adds a gradient scaler)
     compile: bool | str = False  # torch.compile the routed backbone: true (inductor) or a backend name
@@ -150,6 +151,10 @@ class TrainSection:
             _positive("train.threads", self.threads)
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"train.label_smoothing must lie in [0, 1), got {self.label_smoothing}")
+        if self.mixup < 0:
+            raise ConfigError(f"train.mixup must be ≥ 0 (0 turns it off), got {self.mixup}")
+        if self.mixup and self.regime != "multidomain":
+            raise ConfigError(f"train.mixup applies to the multidomain regime only, not to {self.regime}")
 
 
 @dataclass

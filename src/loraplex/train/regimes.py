@@ -93,6 +93,18 @@ class MultiDomainBatch:
     images: torch.Tensor
     labels: torch.Tensor
     domains: torch.Tensor
+    partners: torch.Tensor | None = None  # mixup: the index of the image blended into each
+    mix: torch.Tensor | None = None  # mixup: the blend weight of ``labels`` (a 0-d tensor on the device)
+
+
+def within_domain_partners(domains: torch.Tensor) -> torch.Tensor:
+    """For every sample, a random partner of the same domain (itself when alone there): mixup may only blend
+    images whose labels belong to one head.  Two random orders sorted by domain line up group by group, so
+    pairing them position by position permutes each domain at random, on the device, with no host sync."""
+    first, second = (torch.argsort(domains + torch.rand(domains.shape, device=domains.device)) for _ in range(2))
+    partners = torch.empty_like(first)
+    partners[first] = second
+    return partners
 
 
 class MultiDomainRegime(StreamRegime):
@@ -108,6 +120,7 @@ class MultiDomainRegime(StreamRegime):
         augment: bool = False,
         frames: int | None = None,
         label_smoothing: float = 0.0,
+        mixup: float = 0.0,
         objective: Callable | None = None,
         **stream,
     ) -> None:
@@ -118,11 +131,18 @@ class MultiDomainRegime(StreamRegime):
         self.frames = frames  # clips [B, T, ...] for a frame-wise backbone
         self.label_smoothing = label_smoothing
         self.augment = Augment(size=img_size, channels=3) if augment else None
+        # one blend weight per batch, drawn from torch's generator (re-seeded every step: resumes replay it)
+        alpha = torch.tensor(float(mixup), device=self.placement.device)
+        self.mix_weight = torch.distributions.Beta(alpha, alpha) if mixup else None
 
     def next_batch(self) -> MultiDomainBatch:
         images, labels, domains = self.next_samples()
         x = self.augment(images) if self.augment else to_model_input(images, self.img_size, self.frames)
-        return MultiDomainBatch(x, labels, domains)
+        if self.mix_weight is None:
+            return MultiDomainBatch(x, labels, domains)
+        partners = within_domain_partners(domains)
+        mix = self.mix_weight.sample().to(x.dtype)
+        return MultiDomainBatch(mix * x + (1 - mix) * x[partners], labels, domains, partners, mix)
 
     def batch_images(self, batch: MultiDomainBatch) -> int:
         return int(batch.labels.shape[0])
@@ -130,6 +150,9 @@ class MultiDomainRegime(StreamRegime):
     def loss(self, model: nn.Module, batch: MultiDomainBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = model(batch.images, task=batch.domains)
         loss, metrics = self.objective(out, batch.labels, self.label_smoothing)
+        if batch.mix is not None:  # mixup: the losses against both images' labels, blended as the images were
+            partner_loss, _ = self.objective(out, batch.labels[batch.partners], self.label_smoothing)
+            loss = batch.mix * loss + (1 - batch.mix) * partner_loss
         return loss, {"acc": (out.predictions() == batch.labels).float().mean(), **metrics}
 
     def evaluate(self, model: AdaptedModel, split: str) -> dict[str, float]:

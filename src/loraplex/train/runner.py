@@ -178,6 +178,7 @@ def build_regime(config: RunConfig, dist: Dist) -> MultiDomainRegime | MultiTask
         augment=config.data.augment,
         frames=config.data.frames,
         label_smoothing=config.train.label_smoothing,
+        mixup=config.train.mixup,
         objective=functools.partial(get_method(config.method_name).objective, method_config(config)),
         **_stream_settings(config, dist),
     )
