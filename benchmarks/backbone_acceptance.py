@@ -23,7 +23,8 @@ from common import DOWNSTREAM, Row, cnn_floor, machine, markdown, pixel_floor, r
 
 from loraplex.models import zoo_entries
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "backbone_acceptance.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "backbone_acceptance.yaml"
 REGIMES = {
     "linear probe": ({"name": "linear_probe"}, 5e-3),
     "LoRA r=8": ({"name": "lora", "rank": 8, "target_modules": ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]}, 2e-3),
@@ -57,7 +58,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 seed, 20 steps, 100 training images")
     args = parser.parse_args()
     seeds = args.seeds[:1] if args.quick else args.seeds
-    out = args.out or Path("runs/bench/backbone_acceptance") / args.backbone
+    out = args.out or ROOT / "runs" / "bench" / "backbone_acceptance" / args.backbone
     chosen = [row for row in rows(args.backbone) if args.rows is None or row.name in args.rows]
     unknown = set(args.rows or ()) - {row.name for row in rows(args.backbone)} - {PIXELS}
     if unknown:

@@ -18,11 +18,11 @@ from typing import Any
 import torch
 import yaml
 
-from loraplex.config import from_dict
+from loraplex.config import ConfigError, from_dict
 from loraplex.data.dense import TASK_OUTPUTS
 from loraplex.data.domains import dense_target_fn
 from loraplex.eval.floors import dense_pixel_floor, pixel_logistic_regression
-from loraplex.train.runner import domain_splits, train
+from loraplex.train.runner import check_run_dir, domain_splits, train
 
 
 @dataclass
@@ -96,7 +96,8 @@ def row_config(base: dict, row: Row, seed: int, out_dir: Path) -> dict:
 def run_table(
     base_path: Path, rows: list[Row], seeds: list[int], out_dir: Path, tweak: Callable[[dict], None] | None = None
 ) -> dict[str, list[dict]]:
-    """Train every (row, seed); returns ``{row: [results.json of each seed]}``."""
+    """Train every (row, seed); returns ``{row: [results.json of each seed]}``.  A finished run is read back only if
+    it was trained with this recipe (else the error names what differs): a table never mixes in stale runs."""
     base = yaml.safe_load(base_path.read_text())
     if tweak is not None:
         tweak(base)
@@ -106,6 +107,12 @@ def run_table(
             config = from_dict(row_config(base, row, seed, out_dir))
             done = Path(config.output.dir) / "results.json"
             print(f"== {row.name} seed {seed}", flush=True)
+            if done.exists():
+                try:
+                    check_run_dir(config)
+                except ConfigError as err:
+                    note = "a table reads finished runs back: delete that run to train it anew"
+                    raise SystemExit(f"{err}\n({note})") from None
             results = json.loads(done.read_text()) if done.exists() else train(config)
             table.setdefault(row.name, []).append(results)
     return table

@@ -93,7 +93,8 @@ def load(directory: str | os.PathLike, backbone: nn.Module, device: str | torch.
 
 
 def load_run(run_dir: str | os.PathLike, which: str = "best", device: str | torch.device = "auto") -> AdaptedModel:
-    """The model of a run trained by ``loraplex train``, with its ``best`` (on validation) or ``final`` adapters.
+    """The model of a run trained by ``loraplex train``, with its ``best`` (on validation; the final ones for a run
+    trained without a validation split, ``data.val_per_domain: 0``) or ``final`` adapters.
 
     The backbone is rebuilt from the run's ``config.yaml`` (zoo entry, timm architecture and checkpoint, or the
     seeded random init the run started from), the adapters are loaded onto it after the fingerprint check, and

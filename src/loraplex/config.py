@@ -54,7 +54,8 @@ class DataSection:
     domains: list[str] = field(default_factory=lambda: ["fashion", "mnist", "digits"])
     roots: dict[str, str] = field(default_factory=dict)  # per-source directory overrides
     train_per_domain: int | None = 1000  # None: every training image
-    val_per_domain: int | float = 0.1  # a count, or a fraction of the training pool
+    # a count, or a fraction of the training pool; 0 (the count): no validation split, the last step is the model
+    val_per_domain: int | float = 0.1
     test_per_domain: int | None = None  # None: the whole test split
     sampling: Literal["proportional", "uniform", "temperature"] = "proportional"
     augment: bool = False  # random resized crops, flips, inversion, contrast (used for pre-training)
@@ -86,9 +87,14 @@ class DataSection:
         if self.train_per_domain is not None:
             _positive("data.train_per_domain", self.train_per_domain)
         if isinstance(self.val_per_domain, float) and not 0.0 < self.val_per_domain < 1.0:
-            raise ConfigError(f"data.val_per_domain as a fraction must lie in (0, 1), got {self.val_per_domain}")
-        if isinstance(self.val_per_domain, int):
-            _positive("data.val_per_domain", self.val_per_domain)
+            # no validation is asked as the count 0, never as a fraction that rounds to nothing
+            hint = "; for no validation split give the count 0" if self.val_per_domain == 0 else ""
+            raise ConfigError(f"data.val_per_domain as a fraction must lie in (0, 1), got {self.val_per_domain}{hint}")
+        if isinstance(self.val_per_domain, int) and self.val_per_domain < 0:
+            raise ConfigError(
+                f"data.val_per_domain must be ≥ 0 (0: no validation split, the last step is the model), "
+                f"got {self.val_per_domain}"
+            )
         if self.test_per_domain is not None:
             _positive("data.test_per_domain", self.test_per_domain)
         _positive("data.temperature", self.temperature)
@@ -316,6 +322,17 @@ def check_tasks(data: DataSection, train: TrainSection) -> None:
         _positive(f"train.task_weights.{task}", weight)
 
 
+def check_validation(data: DataSection, train: TrainSection) -> None:
+    """``data.val_per_domain: 0`` trains without a validation split, the last step being the selected model (what
+    VTAB-1K's final stage does: train on all 1,000 images for the steps chosen before).  Only the multidomain regime
+    is built and tested for it; the multitask and continual regimes keep a validation split."""
+    if data.val_per_domain == 0 and train.regime != "multidomain":
+        raise ConfigError(
+            f"data.val_per_domain: 0 (no validation split) is for train.regime multidomain, not {train.regime}: "
+            "give a count or a fraction"
+        )
+
+
 def check_method(method: Any, tasks: list[str]) -> dict[str, Any]:
     """Validate the ``method`` section through the registry: unknown method or key, wrong types."""
     if not isinstance(method, dict) or "name" not in method:
@@ -381,6 +398,7 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
     }
     check_tasks(sections["data"], sections["train"])
     check_precision(sections["backbone"], sections["train"])
+    check_validation(sections["data"], sections["train"])
     method = check_method(raw.get("method", {"name": "lora"}), task_names(sections["data"], sections["train"]))
     return RunConfig(method=method, **sections)
 

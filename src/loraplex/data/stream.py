@@ -95,13 +95,14 @@ class DomainData:
 
     def resized(self, size: int, channels: int | None = None) -> DomainData:
         """The same domain at `size`×`size` uint8 (`channels` 1 or 3, default unchanged), so domains of different
-        native sizes can share one stream."""
+        native sizes can share one stream.  An empty domain (a run's val part with ``data.val_per_domain: 0``)
+        stays empty, at the new size."""
         channels = channels or (3 if self.rgb else 1)
         flat = self.images.flatten(0, 1) if self.frames else self.images
-        chunks = [resize_uint8(flat[start : start + 4096], size, channels) for start in range(0, len(flat), 4096)]
-        images = torch.cat(chunks)
+        starts = range(0, len(flat), 4096) or [0]  # one (empty) chunk for an empty domain: torch.cat needs one
+        images = torch.cat([resize_uint8(flat[start : start + 4096], size, channels) for start in starts])
         if self.frames:
-            images = images.unflatten(0, (len(self), -1))
+            images = images.unflatten(0, (len(self), self.frames))
         return DomainData(self.name, images, self.labels, self.num_classes, self.frames)
 
 

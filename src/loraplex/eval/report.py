@@ -347,7 +347,8 @@ def _runs_section(runs: list[Run]) -> Section:
     columns += [Column("status", kind="text"), Column("path", kind="path")]
     blocks: list[Block] = [
         "Accuracies, mIoU and maxF are percentages. “best” is the test score at the step with the best validation "
-        "score (results.json best_step); “last” is the test score at the final step. Runs whose config.yaml differs "
+        "score (results.json best_step; the final step for a run without validation, data.val_per_domain: 0); "
+        "“last” is the test score at the final step. Runs whose config.yaml differs "
         "only in train.seed, data.seed and output are repetitions of one setup: their rows give mean ± sample "
         "standard deviation (n−1).",
         Table(columns, rows),

@@ -6,6 +6,11 @@ gradient clipping, autocast and fp16 loss scaling, validation-based model select
 reported), JSONL + TensorBoard logs, a progress bar, atomic device-free checkpoints, resume, DDP,
 ``torch.compile`` and a clear stop on a non-finite loss.
 
+A run without a validation split (``data.val_per_domain: 0``, :attr:`Regime.validates` false) is never
+validated: the last step is the selected model, so ``best/`` holds the final adapters and results.json's
+``best`` is its ``last`` (test evaluated once, ``best_step`` the last step, empty ``val`` metrics): the
+file keeps one schema for every reader.
+
 A step reads the device from the host once: the loss, the regime's metrics and the gradient norm come
 back in one transfer, after the backward pass has been queued and before the optimiser steps.
 
@@ -67,6 +72,7 @@ class Regime(Protocol):
     """A training regime: multi-domain now; dense multi-task and continual plug in the same way."""
 
     selection_metric: str  # higher is better; read from ``evaluate(model, "val")``
+    validates: bool  # false: no validation split, the last step is the selected model
 
     def next_batch(self) -> Any: ...
 
@@ -381,7 +387,7 @@ def fit(
             elapsed = time.perf_counter() - window_start
             bar.set_postfix(loss=f"{values['loss']:.3f}", img_s=f"{images / max(elapsed, 1e-9):.0f}")
         bar.update(1)
-        if state.step % cfg.eval_every == 0 or state.step == cfg.steps:
+        if regime.validates and (state.step % cfg.eval_every == 0 or state.step == cfg.steps):
             validate()
         if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
             checkpoint()
@@ -423,22 +429,30 @@ def _finished_results(run_dir: Path, steps: int) -> dict[str, Any] | None:
 def _final_results(
     model: AdaptedModel, regime: Regime, state: LoopState, run_dir: Path, placement: Placement, say
 ) -> dict[str, Any]:
-    """Test metrics of the last and of the best-on-validation weights; writes final/ and results.json."""
+    """Test metrics of the last and of the best-on-validation weights; writes final/ and results.json.  Without
+    validation the last weights are the selected ones: written to best/ too, and tested once."""
     model.save(run_dir / "final")
-    say("evaluating the last and the best-on-validation adapters on test")
+    best_step = state.best_step if regime.validates else state.step
+    if not regime.validates:
+        model.save(run_dir / "best")
+    say("evaluating the last and the best-on-validation adapters on test" if regime.validates else
+        "no validation split: the last step is the selected model (best = last); evaluating it on test")  # fmt: skip
     with torch.inference_mode(), placement.autocast():
         last = {"val": state.last_val, "test": regime.evaluate(model, "test")}
         say(f"test (last, step {state.step}): {summary(last['test'], regime.selection_metric)}")
-        load_tensors(model, run_dir / "best")
-        best = {"val": regime.evaluate(model, "val"), "test": regime.evaluate(model, "test")}
-        say(f"test (best, step {state.best_step}): {summary(best['test'], regime.selection_metric)}")
-        load_tensors(model, run_dir / "final")
+        if regime.validates:
+            load_tensors(model, run_dir / "best")
+            best = {"val": regime.evaluate(model, "val"), "test": regime.evaluate(model, "test")}
+            say(f"test (best, step {best_step}): {summary(best['test'], regime.selection_metric)}")
+            load_tensors(model, run_dir / "final")
+        else:
+            best = {"val": {}, "test": dict(last["test"])}
     results = {
         "method": model.method_name,
         "params": count_parameters(model),
         "train_seconds": state.train_seconds,
         "steps": state.step,
-        "best_step": state.best_step,
+        "best_step": best_step,
         "selection_metric": regime.selection_metric,
         "last": last,
         "best": best,

@@ -66,6 +66,12 @@ class StreamRegime:
         )
         self.loader = BatchLoader(stream, workers=workers, pin_memory=self.placement.pin_memory)
 
+    @property
+    def validates(self) -> bool:
+        """Whether there is a validation split to select on: ``data.val_per_domain: 0`` leaves every val part
+        empty, and the loop then takes the last step as the model."""
+        return any(len(domain) for domain in self.splits["val"])
+
     def next_samples(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The next (uint8 samples, labels, domain ids) of this rank, on the run's device."""
         return tuple(self.placement.put(t) for t in self.loader.next_batch())

@@ -105,7 +105,9 @@ def place(model: AdaptedModel, config: RunConfig, device: torch.device) -> Adapt
 def domain_splits(config: RunConfig) -> dict[str, list[DomainData]]:
     """Deterministic stratified train/val/test per domain (validation carved from training data), at the
     backbone's input size and one channel count, so that domains of different native sizes and colours
-    share mixed batches."""
+    share mixed batches.  With ``data.val_per_domain: 0`` every val part is empty (the run selects its last
+    step); any other value must leave every domain some validation images, or selection would have nothing to
+    score."""
     data = config.data
     splits: dict[str, list[DomainData]] = {part: [] for part in PARTS}
     for name in data.domains:
@@ -127,6 +129,11 @@ def domain_splits(config: RunConfig) -> dict[str, list[DomainData]]:
             raise
         except ValueError as err:  # impossible split sizes, clips without frames, …: the config's fault
             raise ConfigError(f"data: {err}") from err
+        if data.val_per_domain != 0 and not len(parts["val"]):
+            raise ConfigError(
+                f"data.val_per_domain={data.val_per_domain} leaves {name} no validation images: raise it, or set it "
+                "to 0 to train without validation (the last step is then the model)"
+            )
         for part in PARTS:
             splits[part].append(parts[part])
     if any(domain.rgb for domain in splits["train"]):  # one stream needs one sample shape: grey joins RGB
@@ -398,6 +405,8 @@ def evaluate_run(
 ) -> dict[str, float]:
     """A run's metrics on ``split_name``, on ``device`` and in the run's precision."""
     config, model = load_run(run_dir, which, device)
+    if split_name == "val" and config.data.val_per_domain == 0:
+        raise ConfigError(f"{run_dir} was trained without a validation split (data.val_per_domain: 0): evaluate test")
     if config.train.regime == "continual":
         return _evaluate_continual(Path(run_dir), config, model, split_name)
     regime = build_regime(config, Dist(device=model.device))
