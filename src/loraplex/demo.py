@@ -2,7 +2,7 @@
 
 Trains (or, if ``runs/demo`` already holds the finished run, re-reads) ``configs/demo.yaml``:
 Fashion-MNIST, MNIST-5k and scikit-learn's 8×8 digits, each with its own head, on mixed batches with
-per-sample domain ids, starting from the committed zoo backbone ``vit_clipart_tiny``.  Then it prints
+per-sample domain ids, starting from the committed zoo backbone ``vit_debian3_tiny``.  Then it prints
 the per-domain table beside logistic regression on raw pixels, checks the engine on the trained model
 (merged = unmerged, reload identical, PEFT export identical) and writes the HTML report.
 """
