@@ -176,12 +176,13 @@ def main() -> None:
         return
     base = yaml.safe_load(config_file.read_text())
     tweak(base)
+    varies = "class orders" if base["train"]["incremental"] == "class" else "data draws and initialisation, one order"
     base["train"].update(regime="multidomain", incremental=None)  # the floor: every class (domain) at once
     base["data"]["sequence"] = None
     floor_base = out / "floor.yaml"
     floor_base.write_text(yaml.safe_dump(base))
     pixels = [r["best"]["test"]["acc/mean"] for r in pixel_floor(floor_base, seeds)]
-    text = f"Machine: {machine()}. Seeds (class orders): {seeds}. Config: configs/{config_file.name}, {STEPS}\n\n"
+    text = f"Machine: {machine()}. Seeds ({varies}): {seeds}. Config: configs/{config_file.name}, {STEPS}\n\n"
     text += table(results, pixels)
     (out / "table.md").write_text(text + "\n")
     matrix_figure(results, FIGURES / f"{args.dataset}{'_quick' if args.quick else ''}.png")
