@@ -8,6 +8,9 @@ hold 871 and 757 images, so their "1k" is the 500 their test split leaves, searc
 row on the zoo ViT ``vit_debian3_tiny`` (the strongest measured: docs/pretraining.md "Recipe 3"); adapter rows on the
 paper's d×d sites (the q and v rows of every block's fused qkv), r = 8 for CLoRA.  No per-task hyper-parameter
 search at this scale (the paper searches lr, weight decay and p): one lr per kind of row, said in the table.
+Every run 300 steps of batch 32 (9,600 images, 12 passes over 800): LoRA r = 8 on fashion, seed 0, tested 74.2 %
+there, 74.8 % at batch 64 (twice the compute) and 72.5 % at 150 steps of 32 — half the compute of batch 64 for
+0.6 point, so the 420 runs of the table take about 8 core-hours.
 
 VTAB-1K's two stages, per (set, row, seed): the search trains on 800 images and scores 200 (VTAB's train800 /
 val200), every run the same steps, and picks the best validation step s*; the final stage then trains on all 1,000
@@ -53,7 +56,7 @@ SETS = {"fashion": (800, 200, 2000), "mnist": (800, 200, 2000), "digits": (800, 
 SITES = list(QV_TARGETS)
 ADAPTER_LR, FULL_LR, PROBE_LR = 2e-3, 5e-4, 5e-3
 BACKBONE = "vit_debian3_tiny"
-TRAIN = {"steps": 300, "batch_size": 64, "warmup_steps": 30, "eval_every": 50, "checkpoint_every": 100}
+TRAIN = {"steps": 300, "batch_size": 32, "warmup_steps": 30, "eval_every": 50, "checkpoint_every": 100}
 
 
 def rows() -> list[Row]:
