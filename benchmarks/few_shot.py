@@ -95,8 +95,9 @@ def base_config(name: str, quick: bool) -> dict:
     }
 
 
-def plot(summary: dict[str, dict[str, tuple[float, int]]], path: Path) -> None:
-    """Mean test accuracy over the sets against trainable parameters (log scale), one curve per method family."""
+def plot(summary: dict[str, dict[str, tuple[float, int]]], path: Path, pixels: float | None) -> None:
+    """Mean test accuracy over the sets against trainable parameters (log scale), one curve per method family, under
+    the raw-pixel floor (``pixels``) when known: a row below that line has not beaten logistic regression."""
     families = {"LoRA": "LoRA r=", "CLoRA": "CLoRA p=", "CLoRA + SADE": "+ SADE"}
     fig = Figure(figsize=(7.0, 4.5), layout="constrained")
     ax = fig.subplots()
@@ -112,6 +113,8 @@ def plot(summary: dict[str, dict[str, tuple[float, int]]], path: Path) -> None:
     for j, row in enumerate(r for r in points if not any(k in r for k in ("LoRA r=", "CLoRA p="))):
         a, p = points[row]
         ax.scatter([max(p, 1)], [a], color=PALETTE[3 + j], label=row, marker="s")
+    if pixels is not None:
+        ax.axhline(pixels, color="grey", linestyle="--", linewidth=1, label="logistic regression on raw pixels")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (adapter + head)")
     ax.set_ylabel("mean test accuracy over the sets (%)")
@@ -239,7 +242,8 @@ def main() -> None:
     (out / "table.md").write_text(text + "\n")
     summary = {row: {name: (statistics.fmean(accuracies(runs)), runs[0]["params"]["trainable"])
                      for name, runs in by_set.items()} for row, by_set in final.items()}  # fmt: skip
-    plot(summary, ROOT / "docs" / "figures" / f"few_shot{'_quick' if args.quick else ''}.png")
+    plot(summary, ROOT / "docs" / "figures" / f"few_shot{'_quick' if args.quick else ''}.png",
+         statistics.fmean(pixels) if pixels else None)  # fmt: skip
 
 
 if __name__ == "__main__":
